@@ -1,0 +1,1 @@
+"""Benchmarks and test doubles for qna-gateway."""

@@ -1,0 +1,62 @@
+"""Chats: create, list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, delete, get, post
+from litestar.params import Parameter
+
+from ..lifecycle import Services
+from ..schemas import Chat, ChatCreate, ChatPage
+from ..store import chats as store
+from ..store import messages as message_store
+from .deps import parse_uuid
+
+
+class ChatController(Controller):
+    path = "/v1/chats"
+    tags = ["chats"]
+
+    @post("/", status_code=201)
+    async def create_chat(self, data: ChatCreate, services: Services, principal: str) -> Chat:
+        """Create a chat."""
+        async with services.pool.connection() as conn:
+            return await store.create_chat(
+                conn, principal=principal, title=data.title, metadata=data.metadata or {}
+            )
+
+    @get("/")
+    async def list_chats(
+        self,
+        services: Services,
+        principal: str,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    ) -> ChatPage:
+        """The caller's chats, newest first; pass `next_cursor` back as `cursor` for more."""
+        async with services.pool.connection() as conn:
+            return await store.list_chats(conn, principal=principal, cursor=cursor, limit=limit)
+
+    @get("/{chat_id:str}")
+    async def get_chat(self, chat_id: str, services: Services, principal: str) -> Chat:
+        """One chat."""
+        async with services.pool.connection() as conn:
+            return await store.get_chat(
+                conn, principal=principal, chat_id=parse_uuid(chat_id, "chat id")
+            )
+
+    @delete("/{chat_id:str}", status_code=204)
+    async def delete_chat(self, chat_id: str, services: Services, principal: str) -> None:
+        """Delete a chat and its messages; a running answer is cancelled first."""
+        cid = parse_uuid(chat_id, "chat id")
+        async with services.pool.connection() as conn:
+            await store.get_chat(conn, principal=principal, chat_id=cid)
+            running = await message_store.streaming_message_of_chat(conn, chat_id=cid)
+            message = (
+                await message_store.read_message(conn, message_id=running) if running else None
+            )
+        if message is not None and not message.is_terminal:
+            await services.manager.cancel(message)
+        async with services.pool.connection() as conn:
+            await store.delete_chat(conn, principal=principal, chat_id=cid)

@@ -1,0 +1,193 @@
+"""Messages: the history, asking (SSE, async or waiting), one message, its stream, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, cast
+
+from litestar import Controller, Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.types import ASGIApp
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from ..errors import BadRequest
+from ..lifecycle import Services
+from ..schemas import AskAccepted, AskRequest, Message, MessagePage
+from ..store import messages as store
+from ..streams import Position, answer_events, parse_position
+from .deps import parse_uuid
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def asgi(response: object) -> ASGIApp:
+    """Litestar dispatches on the value: its own Responses are rendered, other ASGI apps
+    (the SSE response) are run as they are; the `ASGIApp` annotation allows both."""
+    return cast(ASGIApp, response)
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping")
+
+
+def event_stream(
+    services: Services,
+    message: Message,
+    position: Position | None,
+    *,
+    user_message: Message | None = None,
+    status_code: int = 200,
+) -> EventSourceResponse:
+    return EventSourceResponse(
+        answer_events(services.manager, message, position, user_message=user_message),
+        status_code=status_code,
+        headers=SSE_HEADERS,
+        ping=services.settings.sse_ping_seconds,
+        ping_message_factory=_ping,
+        sep="\n",
+    )
+
+
+def _wants_sse(request: Request[Any, Any, Any]) -> bool:
+    return "text/event-stream" in request.headers.get("accept", "")
+
+
+def _wants_async(request: Request[Any, Any, Any]) -> bool:
+    prefer = request.headers.get("prefer", "")
+    return any(p.strip().lower() == "respond-async" for p in prefer.split(","))
+
+
+class MessageController(Controller):
+    path = "/v1/chats/{chat_id:str}/messages"
+    tags = ["messages"]
+
+    @get("/")
+    async def list_messages(
+        self,
+        chat_id: str,
+        services: Services,
+        principal: str,
+        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+    ) -> MessagePage:
+        """The chat's history, oldest first; pass `next_cursor` back as `cursor` for more."""
+        async with services.pool.connection() as conn:
+            return await store.list_messages(
+                conn,
+                principal=principal,
+                chat_id=parse_uuid(chat_id, "chat id"),
+                cursor=cursor,
+                limit=limit,
+            )
+
+    @post(
+        "/",
+        status_code=200,
+        responses={
+            202: ResponseSpec(AskAccepted, description="`Prefer: respond-async`: stream later"),
+            409: ResponseSpec(None, description="The chat is answering another question"),
+            503: ResponseSpec(None, description="Draining; retry after `Retry-After`"),
+        },
+        response_description=(
+            "`Accept: text/event-stream`: the answer's SSE stream; otherwise the completed "
+            "assistant Message."
+        ),
+    )
+    async def ask(
+        self,
+        request: Request[Any, Any, Any],
+        chat_id: str,
+        data: AskRequest,
+        services: Services,
+        principal: str,
+    ) -> ASGIApp:
+        """Ask a question. The answer runs on even if this connection goes away."""
+        if not data.content.strip():
+            raise BadRequest("content is blank.")
+        question, answer, turn = await services.manager.start_turn(
+            principal=principal, chat_id=parse_uuid(chat_id, "chat id"), content=data.content
+        )
+        if _wants_sse(request):
+            return asgi(event_stream(services, answer, None, user_message=question))
+        if _wants_async(request):
+            stream_url = f"{request.scope.get('root_path', '')}{request.url.path.rstrip('/')}"
+            stream_url += f"/{answer.id}/stream"
+            accepted = AskAccepted(
+                user_message=question, assistant_message=answer, stream_url=stream_url
+            )
+            return asgi(
+                Response(
+                    accepted,
+                    status_code=202,
+                    headers={"Location": stream_url, "Preference-Applied": "respond-async"},
+                )
+            )
+        _, _, queue = turn.subscribe()  # a waiting caller counts as a watcher
+        try:
+            await turn.done.wait()
+        finally:
+            turn.unsubscribe(queue)
+        assert turn.final is not None
+        return asgi(Response(turn.final, status_code=200))
+
+    @get("/{message_id:str}")
+    async def get_message(
+        self, chat_id: str, message_id: str, services: Services, principal: str
+    ) -> Message:
+        """One message as stored now (partial while it streams)."""
+        async with services.pool.connection() as conn:
+            return await store.get_message(
+                conn,
+                principal=principal,
+                chat_id=parse_uuid(chat_id, "chat id"),
+                message_id=parse_uuid(message_id, "message id"),
+            )
+
+    @get(
+        "/{message_id:str}/stream",
+        responses={204: ResponseSpec(None, description="Already received to the end")},
+        response_description="The answer's SSE stream: replay after Last-Event-ID, then live.",
+    )
+    async def stream(
+        self,
+        request: Request[Any, Any, Any],
+        chat_id: str,
+        message_id: str,
+        services: Services,
+        principal: str,
+        last_event_id: Annotated[
+            str | None, Parameter(query="last_event_id", max_length=64)
+        ] = None,
+    ) -> ASGIApp:
+        """SSE of an answer: what the client missed (per `Last-Event-ID`), then the live tail."""
+        async with services.pool.connection() as conn:
+            message = await store.get_message(
+                conn,
+                principal=principal,
+                chat_id=parse_uuid(chat_id, "chat id"),
+                message_id=parse_uuid(message_id, "message id"),
+            )
+        if message.role != "assistant":
+            raise BadRequest(f"Message {message.id} is a question; only answers have a stream.")
+        raw = request.headers.get("last-event-id") or last_event_id
+        position = parse_position(raw, message)
+        if position is not None and position.ended and message.is_terminal:
+            # 204 is the one answer that makes EventSource stop reconnecting.
+            return asgi(Response(None, status_code=204))
+        return asgi(event_stream(services, message, position))
+
+    @post("/{message_id:str}/cancel", status_code=200)
+    async def cancel(
+        self, chat_id: str, message_id: str, services: Services, principal: str
+    ) -> Message:
+        """Stop a running answer; it ends `cancelled` with the text produced so far."""
+        async with services.pool.connection() as conn:
+            message = await store.get_message(
+                conn,
+                principal=principal,
+                chat_id=parse_uuid(chat_id, "chat id"),
+                message_id=parse_uuid(message_id, "message id"),
+            )
+        if message.role != "assistant":
+            raise BadRequest(f"Message {message.id} is a question; only answers can be cancelled.")
+        return await services.manager.cancel(message)

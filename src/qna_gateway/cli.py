@@ -1,0 +1,86 @@
+"""`qna-gateway serve | migrate`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+import uvicorn
+
+from . import __version__
+from .app import create_app
+from .lifecycle import GatewayServer, Lifecycle, resolve_database
+from .logs import configure_logging
+from .settings import Settings, SettingsError
+from .store.migrations import apply_migrations
+
+log = logging.getLogger("qna_gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qna-gateway",
+        description="Streaming Q&A chat gateway. Settings come from the environment and .env; "
+        "see the README for every variable.",
+    )
+    parser.add_argument("--version", action="version", version=f"qna-gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the HTTP gateway (migrates first)")
+    serve.add_argument("--host", help="bind address (default QNA_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default QNA_PORT or 8000)")
+    commands.add_parser("migrate", help="apply the database migrations and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"qna-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
+    if args.host:
+        settings = replace(settings, host=args.host)
+    if args.port is not None:
+        settings = replace(settings, port=args.port)
+    return _serve(settings)
+
+
+async def _migrate(settings: Settings) -> int:
+    conninfo, embedded = await resolve_database(settings, None)
+    try:
+        applied = await apply_migrations(conninfo)
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+    print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    lifecycle = Lifecycle()
+    app = create_app(settings, lifecycle=lifecycle)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=5,
+    )
+    server = GatewayServer(config, lifecycle=lifecycle)
+    server.run()
+    # uvicorn returns normally after a clean drain; a failed start-up leaves started False.
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

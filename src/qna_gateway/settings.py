@@ -1,0 +1,261 @@
+"""Frozen settings read from the environment, a `.env` file and `*_FILE` secrets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from dotenv import dotenv_values
+from psycopg.conninfo import conninfo_to_dict
+
+T = TypeVar("T")
+
+LogFormat = Literal["json", "console"]
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the customer-support assistant of the company whose knowledge base you can search. "
+    "Answer from the knowledge base; when it does not cover the question, say so plainly. "
+    "Be concise."
+)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A value that must never reach a log line, a repr or an error message."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the gateway reads from its environment, validated once at start-up."""
+
+    # Storage: None means "start an embedded PostgreSQL in data_dir".
+    database_url: Secret | None = None
+    data_dir: Path = Path(".qna-data")
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+    db_pool_timeout_seconds: float = 5.0
+
+    # The LLM: neither key nor base URL means extractive mode (no LLM at all).
+    openai_api_key: Secret | None = None
+    openai_base_url: str | None = None
+    model: str = "gpt-4o-mini"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    llm_connect_timeout_seconds: float = 10.0
+    llm_read_timeout_seconds: float = 60.0
+    llm_max_retries: int = 2
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 262_144
+
+    # Knowledge base.
+    kb_dir: Path = Path("kb")
+
+    # Turns and streams.
+    batch_interval_ms: int = 100
+    batch_max_chars: int = 512
+    history_budget_chars: int = 24_000
+    sse_ping_seconds: float = 15.0
+    sse_retry_ms: int = 2_000
+    drain_seconds: float = 25.0
+    orphan_seconds: float = 60.0
+
+    # Logs.
+    log_format: LogFormat | None = None
+    log_level: str = "INFO"
+
+    @property
+    def llm_configured(self) -> bool:
+        return self.openai_api_key is not None or self.openai_base_url is not None
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, env_file: Path | None = Path(".env")
+    ) -> Settings:
+        """Build settings: the process environment wins over `.env`, which wins over defaults."""
+        merged: dict[str, str] = {}
+        if env_file is not None and env_file.is_file():
+            merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        merged.update(os.environ if environ is None else environ)
+        return _read(_Env(merged))
+
+
+class _Env:
+    """Typed access to the merged variables; every failure names its variable."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self._values = values
+
+    def raw(self, name: str) -> str | None:
+        value = self._values.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def secret(self, name: str) -> Secret | None:
+        direct = self.raw(name)
+        file_name = self.raw(f"{name}_FILE")
+        if direct is not None and file_name is not None:
+            raise SettingsError(f"{name} and {name}_FILE are both set; set only one")
+        if file_name is None:
+            return None if direct is None else Secret(direct)
+        try:
+            text = Path(file_name).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"{name}_FILE: cannot read {file_name}: {exc.strerror}") from None
+        if not text:
+            raise SettingsError(f"{name}_FILE: {file_name} is empty")
+        return Secret(text)
+
+    def get(self, name: str, parse: Callable[[str], T], default: T, *, what: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except (ValueError, TypeError):
+            raise SettingsError(f"{name}={value!r} is not {what}") from None
+
+    def number(self, name: str, default: float, *, minimum: float, maximum: float) -> float:
+        value = self.get(name, float, default, what="a number")
+        if not minimum <= value <= maximum:
+            raise SettingsError(f"{name}={value} is outside {minimum}..{maximum}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int) -> int:
+        value = self.get(name, int, default, what="an integer")
+        if not minimum <= value <= maximum:
+            raise SettingsError(f"{name}={value} is outside {minimum}..{maximum}")
+        return value
+
+
+def normalise_database_url(url: str) -> str:
+    """Accept libpq URLs and SQLAlchemy-style ones (`postgresql+asyncpg://`), return libpq's form.
+
+    The error never repeats the URL: it may hold a password.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    driver_schemes = {"postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"}
+    if scheme in driver_schemes or scheme == "postgres":
+        scheme = "postgresql"
+    if scheme != "postgresql":
+        raise SettingsError(
+            "DATABASE_URL must start with postgresql://, postgres://, "
+            "postgresql+asyncpg:// or postgresql+psycopg://"
+        )
+    # asyncpg spells libpq's sslmode as `ssl`; translate so copied URLs keep working.
+    query = [("sslmode" if k == "ssl" else k, v) for k, v in parse_qsl(parts.query)]
+    normalised = urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+    try:
+        conninfo_to_dict(normalised)
+    except psycopg.ProgrammingError as exc:
+        raise SettingsError(f"DATABASE_URL is not a valid PostgreSQL URL: {exc}") from None
+    return normalised
+
+
+def _log_format(value: str) -> LogFormat:
+    if value == "json":
+        return "json"
+    if value == "console":
+        return "console"
+    raise ValueError(value)
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError(value)
+    return level
+
+
+def _base_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError(value)
+    return value.rstrip("/")
+
+
+def _read(env: _Env) -> Settings:
+    defaults = Settings()
+    database_url = env.secret("DATABASE_URL")
+    if database_url is not None:
+        database_url = Secret(normalise_database_url(database_url.reveal()))
+    return Settings(
+        database_url=database_url,
+        data_dir=env.get("QNA_DATA_DIR", Path, defaults.data_dir, what="a path"),
+        db_pool_min=env.integer("QNA_DB_POOL_MIN", defaults.db_pool_min, minimum=0, maximum=100),
+        db_pool_max=env.integer("QNA_DB_POOL_MAX", defaults.db_pool_max, minimum=1, maximum=500),
+        db_pool_timeout_seconds=env.number(
+            "QNA_DB_POOL_TIMEOUT_SECONDS", defaults.db_pool_timeout_seconds, minimum=0.1, maximum=60
+        ),
+        openai_api_key=env.secret("OPENAI_API_KEY"),
+        openai_base_url=env.get("OPENAI_BASE_URL", _base_url, None, what="an http(s) URL"),
+        model=env.raw("QNA_MODEL") or defaults.model,
+        system_prompt=env.raw("QNA_SYSTEM_PROMPT") or defaults.system_prompt,
+        llm_connect_timeout_seconds=env.number(
+            "QNA_LLM_CONNECT_TIMEOUT_SECONDS",
+            defaults.llm_connect_timeout_seconds,
+            minimum=0.1,
+            maximum=300,
+        ),
+        llm_read_timeout_seconds=env.number(
+            "QNA_LLM_READ_TIMEOUT_SECONDS",
+            defaults.llm_read_timeout_seconds,
+            minimum=0.1,
+            maximum=3600,
+        ),
+        llm_max_retries=env.integer(
+            "QNA_LLM_MAX_RETRIES", defaults.llm_max_retries, minimum=0, maximum=10
+        ),
+        host=env.raw("QNA_HOST") or defaults.host,
+        port=env.integer("QNA_PORT", defaults.port, minimum=0, maximum=65535),
+        max_body_bytes=env.integer(
+            "QNA_MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024, maximum=64 * 1024 * 1024
+        ),
+        kb_dir=env.get("QNA_KB_DIR", Path, defaults.kb_dir, what="a path"),
+        batch_interval_ms=env.integer(
+            "QNA_BATCH_INTERVAL_MS", defaults.batch_interval_ms, minimum=1, maximum=10_000
+        ),
+        batch_max_chars=env.integer(
+            "QNA_BATCH_MAX_CHARS", defaults.batch_max_chars, minimum=1, maximum=1_000_000
+        ),
+        history_budget_chars=env.integer(
+            "QNA_HISTORY_BUDGET_CHARS",
+            defaults.history_budget_chars,
+            minimum=0,
+            maximum=10_000_000,
+        ),
+        sse_ping_seconds=env.number(
+            "QNA_SSE_PING_SECONDS", defaults.sse_ping_seconds, minimum=0.05, maximum=3600
+        ),
+        sse_retry_ms=env.integer(
+            "QNA_SSE_RETRY_MS", defaults.sse_retry_ms, minimum=0, maximum=600_000
+        ),
+        drain_seconds=env.number(
+            "QNA_DRAIN_SECONDS", defaults.drain_seconds, minimum=0, maximum=3600
+        ),
+        orphan_seconds=env.number(
+            "QNA_ORPHAN_SECONDS", defaults.orphan_seconds, minimum=0.05, maximum=86_400
+        ),
+        log_format=env.get("QNA_LOG_FORMAT", _log_format, None, what="json or console"),
+        log_level=env.get("QNA_LOG_LEVEL", _log_level, defaults.log_level, what="a log level"),
+    )

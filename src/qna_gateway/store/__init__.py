@@ -1,0 +1,1 @@
+"""PostgreSQL: the pool, migrations, an embedded server, and the queries."""

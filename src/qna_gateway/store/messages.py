@@ -1,0 +1,273 @@
+"""Queries on messages: the ask transaction, history, batched appends and final states."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID, uuid4
+
+import msgspec
+from psycopg import AsyncConnection, errors
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from ..errors import Conflict, NotFound
+from ..schemas import Message, MessagePage, Source, Usage
+from .cursors import decode_cursor, encode_cursor
+
+# Every message change is announced here; the payload names the message (see pubsub.py).
+EVENTS_CHANNEL = "qna_events"
+
+_COLUMNS = (
+    "m.id, m.seq, m.chat_id, m.role, m.content, m.status, m.finish_reason, m.error, m.model,"
+    " m.input_tokens, m.output_tokens, m.sources, m.created_at, m.completed_at, m.owner_id"
+)
+
+
+def message_from_row(row: dict[str, Any]) -> Message:
+    usage = None
+    if row["input_tokens"] is not None or row["output_tokens"] is not None:
+        usage = Usage(
+            input_tokens=row["input_tokens"] or 0, output_tokens=row["output_tokens"] or 0
+        )
+    sources = None
+    if row["sources"] is not None:
+        sources = msgspec.convert(row["sources"], list[Source])
+    return Message(
+        id=row["id"],
+        chat_id=row["chat_id"],
+        role=row["role"],
+        content=row["content"],
+        status=row["status"],
+        finish_reason=row["finish_reason"],
+        error=row["error"],
+        model=row["model"],
+        usage=usage,
+        sources=sources,
+        created_at=row["created_at"],
+        completed_at=row["completed_at"],
+    )
+
+
+async def insert_exchange(
+    conn: AsyncConnection,
+    *,
+    principal: str,
+    chat_id: UUID,
+    content: str,
+    model: str,
+    owner_id: UUID,
+) -> tuple[Message, Message, int]:
+    """Store the question and an empty `streaming` answer in one transaction.
+
+    Returns both and the question's seq (history is what came before it). The partial unique
+    index on streaming messages turns a concurrent second ask, on any replica, into a 409.
+    """
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT id FROM chats WHERE id = %s AND principal = %s FOR UPDATE",
+            (chat_id, principal),
+        )
+        if await cur.fetchone() is None:
+            raise NotFound(f"There is no chat {chat_id}.")
+        await cur.execute(
+            "SELECT id FROM messages WHERE chat_id = %s AND status = 'streaming'", (chat_id,)
+        )
+        running = await cur.fetchone()
+        if running is not None:
+            raise _busy(chat_id, running["id"])
+        try:
+            await cur.execute(
+                "INSERT INTO messages AS m (id, chat_id, role, content, status)"
+                " VALUES (%s, %s, 'user', %s, 'completed')"
+                f" RETURNING {_COLUMNS}",
+                (uuid4(), chat_id, content),
+            )
+            question = await cur.fetchone()
+            await cur.execute(
+                "INSERT INTO messages AS m (id, chat_id, role, status, model, owner_id)"
+                " VALUES (%s, %s, 'assistant', 'streaming', %s, %s)"
+                f" RETURNING {_COLUMNS}",
+                (uuid4(), chat_id, model, owner_id),
+            )
+            answer = await cur.fetchone()
+        except errors.UniqueViolation:
+            # Lost a race the FOR UPDATE above should prevent; keep the contract anyway.
+            raise Conflict(f"Chat {chat_id} is already answering a question.") from None
+        await cur.execute("UPDATE chats SET updated_at = now() WHERE id = %s", (chat_id,))
+    assert question is not None
+    assert answer is not None
+    return message_from_row(question), message_from_row(answer), question["seq"]
+
+
+def _busy(chat_id: UUID, message_id: UUID) -> Conflict:
+    return Conflict(
+        f"Chat {chat_id} is still answering message {message_id}; wait for it to finish "
+        f"or cancel it first."
+    )
+
+
+async def load_history(
+    conn: AsyncConnection, *, chat_id: UUID, before_seq: int, budget_chars: int
+) -> list[tuple[str, str]]:
+    """The newest (role, content) pairs before `before_seq` that fit in the budget, oldest first.
+
+    Empty answers (failed before any text) are left out: they carry nothing for the model.
+    """
+    if budget_chars <= 0:
+        return []
+    cur = await conn.execute(
+        "SELECT role, content FROM messages WHERE chat_id = %s AND seq < %s AND content <> ''"
+        " ORDER BY seq DESC LIMIT 500",
+        (chat_id, before_seq),
+    )
+    picked: list[tuple[str, str]] = []
+    used = 0
+    for role, text in await cur.fetchall():
+        used += len(text)
+        if used > budget_chars:
+            break
+        picked.append((role, text))
+    picked.reverse()
+    return picked
+
+
+async def get_message(
+    conn: AsyncConnection, *, principal: str, chat_id: UUID, message_id: UUID
+) -> Message:
+    row = await get_message_row(conn, principal=principal, chat_id=chat_id, message_id=message_id)
+    return message_from_row(row)
+
+
+async def get_message_row(
+    conn: AsyncConnection, *, principal: str, chat_id: UUID, message_id: UUID
+) -> dict[str, Any]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM messages m JOIN chats c ON c.id = m.chat_id"
+            " WHERE m.id = %s AND m.chat_id = %s AND c.principal = %s",
+            (message_id, chat_id, principal),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"There is no message {message_id} in chat {chat_id}.")
+    return row
+
+
+async def read_message(conn: AsyncConnection, *, message_id: UUID) -> Message | None:
+    """The message as stored now, without an ownership check (for internal readers)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(f"SELECT {_COLUMNS} FROM messages m WHERE m.id = %s", (message_id,))
+        row = await cur.fetchone()
+    return None if row is None else message_from_row(row)
+
+
+async def list_messages(
+    conn: AsyncConnection, *, principal: str, chat_id: UUID, cursor: str | None, limit: int
+) -> MessagePage:
+    after = decode_cursor(cursor) if cursor else None
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "SELECT 1 FROM chats WHERE id = %s AND principal = %s", (chat_id, principal)
+        )
+        if await cur.fetchone() is None:
+            raise NotFound(f"There is no chat {chat_id}.")
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM messages m WHERE m.chat_id = %s"
+            " AND (%s::bigint IS NULL OR m.seq > %s::bigint) ORDER BY m.seq LIMIT %s",
+            (chat_id, after, after, limit + 1),
+        )
+        rows = await cur.fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return MessagePage(
+        data=[message_from_row(r) for r in rows],
+        next_cursor=encode_cursor(rows[-1]["seq"]) if more else None,
+    )
+
+
+async def streaming_message_of_chat(conn: AsyncConnection, *, chat_id: UUID) -> UUID | None:
+    cur = await conn.execute(
+        "SELECT id FROM messages WHERE chat_id = %s AND status = 'streaming'", (chat_id,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else UUID(str(row[0]))
+
+
+async def append_text(
+    conn: AsyncConnection, *, message_id: UUID, offset: int, text: str, notify: str
+) -> bool:
+    """Append a batch at `offset`, and announce it in the same transaction.
+
+    The offset guard makes a retried batch a no-op instead of doubled text; False means the
+    stored text is not where the caller thinks (it then rewrites the whole text).
+    """
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE messages SET content = content || %s"
+            " WHERE id = %s AND status = 'streaming' AND char_length(content) = %s",
+            (text, message_id, offset),
+        )
+        if cur.rowcount != 1:
+            return False
+        await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
+    return True
+
+
+async def rewrite_text(conn: AsyncConnection, *, message_id: UUID, text: str, notify: str) -> bool:
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE messages SET content = %s WHERE id = %s AND status = 'streaming'",
+            (text, message_id),
+        )
+        if cur.rowcount != 1:
+            return False
+        await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
+    return True
+
+
+async def finish_message(
+    conn: AsyncConnection,
+    *,
+    message_id: UUID,
+    text: str,
+    status: str,
+    finish_reason: str | None,
+    error: str | None,
+    usage: Usage | None,
+    sources: list[Source] | None,
+    notify: str,
+) -> Message | None:
+    """Write the final text and status, once: a message that already ended is left alone."""
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            "UPDATE messages AS m SET content = %s, status = %s, finish_reason = %s, error = %s,"
+            " input_tokens = %s, output_tokens = %s, sources = %s, completed_at = now()"
+            f" WHERE id = %s AND status = 'streaming' RETURNING {_COLUMNS}",
+            (
+                text,
+                status,
+                finish_reason,
+                error,
+                usage.input_tokens if usage else None,
+                usage.output_tokens if usage else None,
+                Jsonb(msgspec.to_builtins(sources)) if sources is not None else None,
+                message_id,
+            ),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        await cur.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
+    return message_from_row(row)
+
+
+async def mark_watched(conn: AsyncConnection, *, message_id: UUID) -> None:
+    """A stream on another replica is watching: the owner must not treat the turn as orphaned."""
+    await conn.execute(
+        "UPDATE messages SET watched_at = now() WHERE id = %s AND status = 'streaming'",
+        (message_id,),
+    )
+
+
+async def notify(conn: AsyncConnection, *, payload: str) -> None:
+    await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, payload))

@@ -1,0 +1,22 @@
+"""The psycopg connection pool, opened explicitly by the app's lifespan."""
+
+from __future__ import annotations
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+Pool = AsyncConnectionPool[AsyncConnection]
+
+
+def make_pool(conninfo: str, *, min_size: int, max_size: int, timeout: float) -> Pool:
+    """A closed pool; the caller opens it (so nothing connects at construction)."""
+    return AsyncConnectionPool(
+        conninfo,
+        min_size=min_size,
+        max_size=max(min_size, max_size),
+        timeout=timeout,
+        open=False,
+        name="qna-gateway",
+        # A dead connection is dropped when it is handed out, not when a query fails on it.
+        check=AsyncConnectionPool.check_connection,
+    )

@@ -1,0 +1,236 @@
+"""The app's turns: starting them from an ask, cancelling them anywhere, draining them at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from uuid import UUID, uuid4
+
+from .errors import Conflict, Unavailable
+from .events import Ended, Reconnect, Resync, cancel_notice, end_notice
+from .llm import Answerer, ChatLine
+from .pubsub import EventHub
+from .schemas import Message
+from .settings import Settings
+from .store import messages as store
+from .store.pool import Pool
+from .turns import DB_ERRORS, Turn, TurnConfig
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+# A process whose heartbeat is older than this is dead; its streaming answers are ended.
+INSTANCE_TTL_SECONDS = 20.0
+CANCEL_WAIT_SECONDS = 5.0
+
+
+class TurnManager:
+    """Owns every turn running in this process, and this process's row in gateway_instances."""
+
+    def __init__(
+        self, *, settings: Settings, pool: Pool, answerer: Answerer, conninfo: str
+    ) -> None:
+        self.instance_id = uuid4()
+        self.settings = settings
+        self.pool = pool
+        self.answerer = answerer
+        self.hub = EventHub(conninfo, on_cancel=self._on_remote_cancel)
+        self._turns: dict[UUID, Turn] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._config = TurnConfig(
+            batch_interval=settings.batch_interval_ms / 1000,
+            batch_max_chars=settings.batch_max_chars,
+            orphan_seconds=settings.orphan_seconds,
+        )
+        self.draining = asyncio.Event()
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO gateway_instances (id, hostname, pid) VALUES (%s, %s, %s)",
+                (self.instance_id, socket.gethostname(), os.getpid()),
+            )
+        await self.recover_abandoned()
+        await self.hub.start()
+        self._heartbeat = asyncio.create_task(self._beat(), name="qna-heartbeat")
+
+    async def stop(self) -> None:
+        """After drain: stop listening, forget this instance."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        await self.hub.stop()
+        with contextlib.suppress(*DB_ERRORS):
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    "DELETE FROM gateway_instances WHERE id = %s", (self.instance_id,)
+                )
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        "UPDATE gateway_instances SET heartbeat_at = now() WHERE id = %s",
+                        (self.instance_id,),
+                    )
+                await self.recover_abandoned()
+            except DB_ERRORS as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def recover_abandoned(self) -> int:
+        """End `interrupted` (`crash`) the answers whose owning process is gone."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM gateway_instances"
+                " WHERE heartbeat_at < now() - make_interval(secs => %s)",
+                (INSTANCE_TTL_SECONDS * 3,),
+            )
+            cur = await conn.execute(
+                "UPDATE messages SET status = 'interrupted', finish_reason = 'crash',"
+                " error = 'The gateway process generating this answer stopped unexpectedly.',"
+                " completed_at = now()"
+                " WHERE status = 'streaming' AND (owner_id IS NULL OR owner_id NOT IN ("
+                "   SELECT id FROM gateway_instances"
+                "   WHERE heartbeat_at > now() - make_interval(secs => %s)))"
+                " RETURNING id",
+                (INSTANCE_TTL_SECONDS,),
+            )
+            recovered = [row[0] for row in await cur.fetchall()]
+            for message_id in recovered:
+                await store.notify(conn, payload=end_notice(message_id, "interrupted"))
+        if recovered:
+            log.warning("ended %d answers left behind by a stopped process", len(recovered))
+        return len(recovered)
+
+    # -- asking ------------------------------------------------------------------------------
+
+    async def start_turn(
+        self, *, principal: str, chat_id: UUID, content: str
+    ) -> tuple[Message, Message, Turn]:
+        if self.draining.is_set():
+            raise Unavailable(
+                "This gateway is shutting down; retry shortly.", headers={"Retry-After": "2"}
+            )
+        async with self.pool.connection() as conn:
+            question, answer, seq = await store.insert_exchange(
+                conn,
+                principal=principal,
+                chat_id=chat_id,
+                content=content,
+                model=self.answerer.model,
+                owner_id=self.instance_id,
+            )
+            history = await store.load_history(
+                conn,
+                chat_id=chat_id,
+                before_seq=seq,
+                budget_chars=self.settings.history_budget_chars,
+            )
+        conversation = [ChatLine("system", self.settings.system_prompt)]
+        conversation += [
+            ChatLine("assistant" if role == "assistant" else "user", text) for role, text in history
+        ]
+        conversation.append(ChatLine("user", content))
+        turn = Turn(
+            message=answer,
+            conversation=conversation,
+            answerer=self.answerer,
+            pool=self.pool,
+            config=self._config,
+            on_done=self._forget,
+        )
+        self._turns[answer.id] = turn
+        task = asyncio.create_task(turn.run(), name=f"turn-{answer.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return question, answer, turn
+
+    def local(self, message_id: UUID) -> Turn | None:
+        return self._turns.get(message_id)
+
+    def _forget(self, turn: Turn) -> None:
+        self._turns.pop(turn.id, None)
+
+    @property
+    def running(self) -> int:
+        return len(self._turns)
+
+    # -- cancelling --------------------------------------------------------------------------
+
+    async def cancel(self, message: Message) -> Message:
+        """Stop a running answer wherever it runs, and return it as ended."""
+        if message.is_terminal:
+            if message.status == "cancelled":
+                return message
+            raise Conflict(f"Message {message.id} already ended with status {message.status}.")
+        turn = self._turns.get(message.id)
+        if turn is not None:
+            turn.stop("cancelled", "cancelled")
+            await turn.done.wait()
+            assert turn.final is not None
+            return turn.final
+        return await self._cancel_remote(message)
+
+    async def _cancel_remote(self, message: Message) -> Message:
+        queue = self.hub.subscribe(message.id)
+        try:
+            async with self.pool.connection() as conn:
+                await store.notify(conn, payload=cancel_notice(message.id))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                    while True:
+                        event = await queue.get()
+                        if isinstance(event, Resync | Ended):
+                            async with self.pool.connection() as conn:
+                                now = await store.read_message(conn, message_id=message.id)
+                            if now is None or now.is_terminal:
+                                break
+        finally:
+            self.hub.unsubscribe(message.id, queue)
+        async with self.pool.connection() as conn:
+            # The owner did not answer in time (or is gone): end it here; its own final write
+            # will then find the message ended and leave it.
+            ended = await store.finish_message(
+                conn,
+                message_id=message.id,
+                text=(await store.read_message(conn, message_id=message.id) or message).content,
+                status="cancelled",
+                finish_reason="cancelled",
+                error=None,
+                usage=None,
+                sources=None,
+                notify=end_notice(message.id, "cancelled"),
+            )
+            final = ended or await store.read_message(conn, message_id=message.id)
+        return final or message
+
+    def _on_remote_cancel(self, message_id: UUID) -> None:
+        turn = self._turns.get(message_id)
+        if turn is not None:
+            turn.stop("cancelled", "cancelled")
+
+    # -- drain -------------------------------------------------------------------------------
+
+    async def drain(self, seconds: float) -> None:
+        """Refuse new asks, send remote watchers away, let local answers finish or cut them."""
+        self.draining.set()
+        self.hub.broadcast(Reconnect())
+        turns = list(self._turns.values())
+        if turns:
+            log.info("draining: %d answers running, waiting up to %.0fs", len(turns), seconds)
+            await asyncio.wait(
+                [asyncio.ensure_future(t.done.wait()) for t in turns], timeout=seconds
+            )
+        for turn in list(self._turns.values()):
+            turn.stop("interrupted", "shutdown")
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self._config.final_write_seconds)

@@ -1,0 +1,331 @@
+"""A turn: one answer being generated, owned by the app rather than by any HTTP connection.
+
+It streams from the answerer, publishes every piece to its in-process subscribers at once,
+writes the text to PostgreSQL in batches (time- and size-bounded) and announces each batch
+with NOTIFY for streams on other replicas. Whoever watches or leaves, the turn ends exactly
+once with a stored terminal status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from uuid import UUID
+
+import msgspec
+import psycopg
+from psycopg_pool import PoolTimeout
+
+from .events import Ended, StreamEvent, TextAppended, end_notice, text_notice
+from .llm import (
+    Answerer,
+    AnswerError,
+    ChatLine,
+    Finished,
+    SourcesFound,
+    TextDelta,
+    UsageReported,
+)
+from .schemas import Message, Source, Usage
+from .store import messages as store
+from .store.pool import Pool
+
+log = logging.getLogger(__name__)
+
+Subscriber = asyncio.Queue[StreamEvent]
+StopStatus = Literal["cancelled", "interrupted"]
+DB_ERRORS = (psycopg.Error, PoolTimeout, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnConfig:
+    batch_interval: float
+    batch_max_chars: int
+    orphan_seconds: float
+    final_write_seconds: float = 30.0
+
+
+class Turn:
+    """One running answer. Create it with `TurnManager.start_turn`."""
+
+    def __init__(
+        self,
+        *,
+        message: Message,
+        conversation: list[ChatLine],
+        answerer: Answerer,
+        pool: Pool,
+        config: TurnConfig,
+        on_done: Callable[[Turn], None],
+    ) -> None:
+        self.message = message
+        self._conversation = conversation
+        self._answerer = answerer
+        self._pool = pool
+        self._config = config
+        self._on_done = on_done
+
+        self._parts: list[str] = []
+        self._joined = ""
+        self._length = 0
+        self._flushed = 0
+        self._last_flush = 0.0
+        self._dirty = asyncio.Event()
+        self._big = asyncio.Event()
+
+        self._subscribers: set[Subscriber] = set()
+        self._orphan_timer: asyncio.TimerHandle | None = None
+        self._orphan_check: asyncio.Task[None] | None = None
+
+        self._sources: list[Source] | None = None
+        self._usage: Usage | None = None
+        self._finish_reason: str | None = None
+        self._stop: tuple[StopStatus, str] | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self.final: Message | None = None
+        self.done = asyncio.Event()
+
+    @property
+    def id(self) -> UUID:
+        return self.message.id
+
+    @property
+    def text(self) -> str:
+        if len(self._joined) != self._length:
+            self._joined = "".join(self._parts)
+            self._parts = [self._joined]
+        return self._joined
+
+    # -- subscribers -------------------------------------------------------------------------
+
+    def subscribe(self) -> tuple[str, Message | None, Subscriber]:
+        """The text so far, the final message if ended, and a queue of what comes next.
+
+        Atomic (no await), so nothing falls between the snapshot and the queue.
+        """
+        queue: Subscriber = asyncio.Queue()
+        self._subscribers.add(queue)
+        self._disarm_orphan_timer()
+        return self.text, self.final, queue
+
+    def unsubscribe(self, queue: Subscriber) -> None:
+        self._subscribers.discard(queue)
+        if not self._subscribers and self.final is None:
+            self._arm_orphan_timer()
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subscribers)
+
+    def _publish(self, event: StreamEvent) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+
+    # -- the orphan rule ---------------------------------------------------------------------
+
+    def _arm_orphan_timer(self) -> None:
+        self._disarm_orphan_timer()
+        loop = asyncio.get_running_loop()
+        self._orphan_timer = loop.call_later(self._config.orphan_seconds, self._orphan_timeout)
+
+    def _disarm_orphan_timer(self) -> None:
+        if self._orphan_timer is not None:
+            self._orphan_timer.cancel()
+            self._orphan_timer = None
+
+    def _orphan_timeout(self) -> None:
+        self._orphan_timer = None
+        if not self._subscribers and self.final is None:
+            self._orphan_check = asyncio.create_task(self._end_if_unwatched())
+
+    async def _end_if_unwatched(self) -> None:
+        """No local watcher for a while; a stream on another replica may still be watching."""
+        watched_recently = False
+        with contextlib.suppress(*DB_ERRORS):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT watched_at > now() - make_interval(secs => %s) FROM messages"
+                    " WHERE id = %s",
+                    (self._config.orphan_seconds, self.id),
+                )
+                row = await cur.fetchone()
+                watched_recently = bool(row and row[0])
+        if self._subscribers or self.final is not None:
+            return
+        if watched_recently:
+            self._arm_orphan_timer()
+        else:
+            log.info("answer %s has had no watcher for %.0fs", self.id, self._config.orphan_seconds)
+            self.stop("interrupted", "client_gone")
+
+    # -- running -----------------------------------------------------------------------------
+
+    def stop(self, status: StopStatus, reason: str) -> None:
+        """End the answer early; the first reason given wins."""
+        if self._stop is None and self.final is None:
+            self._stop = (status, reason)
+            if self._consumer is not None:
+                self._consumer.cancel()
+
+    async def run(self) -> None:
+        if not self._subscribers:
+            self._arm_orphan_timer()
+        flusher = asyncio.create_task(self._flush_loop(), name=f"flush-{self.id}")
+        status, finish_reason, error = "completed", "stop", None
+        self._consumer = asyncio.create_task(self._consume(), name=f"answer-{self.id}")
+        if self._stop is not None:
+            self._consumer.cancel()
+        try:
+            await self._consumer
+            finish_reason = self._finish_reason or "stop"
+        except asyncio.CancelledError:
+            # No stop reason: the turn task itself was cancelled, i.e. the process is exiting.
+            stop = self._stop or ("interrupted", "shutdown")
+            self._stop = stop
+            status, finish_reason = stop
+        except AnswerError as exc:
+            if exc.timeout:
+                status, finish_reason = "interrupted", "upstream_timeout"
+            else:
+                status, finish_reason = "failed", "error"
+            error = str(exc)
+        except Exception as exc:
+            log.exception("answer %s failed", self.id)
+            status, finish_reason, error = (
+                "failed",
+                "error",
+                f"internal error: {type(exc).__name__}",
+            )
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            self._disarm_orphan_timer()
+        await self._finish(status, finish_reason, error)
+
+    async def _consume(self) -> None:
+        async for event in self._answerer.answer(self._conversation):
+            if isinstance(event, TextDelta):
+                self._append(event.text)
+            elif isinstance(event, SourcesFound):
+                self._sources = event.sources
+            elif isinstance(event, UsageReported):
+                self._usage = event.usage
+            elif isinstance(event, Finished):
+                self._finish_reason = event.reason
+
+    def _append(self, text: str) -> None:
+        start = self._length
+        self._parts.append(text)
+        self._length += len(text)
+        self._publish(TextAppended(start, text))
+        self._dirty.set()
+        if self._length - self._flushed >= self._config.batch_max_chars:
+            self._big.set()
+
+    # -- persistence -------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._dirty.wait()
+            wait = self._last_flush + self._config.batch_interval - loop.time()
+            if wait > 0 and self._length - self._flushed < self._config.batch_max_chars:
+                self._big.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._big.wait(), wait)
+            self._dirty.clear()
+            self._big.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        start, end = self._flushed, self._length
+        if end == start:
+            return
+        text = self.text
+        batch = text[start:end]
+        self._last_flush = asyncio.get_running_loop().time()
+        try:
+            async with self._pool.connection() as conn:
+                ok = await store.append_text(
+                    conn,
+                    message_id=self.id,
+                    offset=start,
+                    text=batch,
+                    notify=text_notice(self.id, start, batch),
+                )
+                if not ok:
+                    ok = await store.rewrite_text(
+                        conn,
+                        message_id=self.id,
+                        text=text[:end],
+                        notify=text_notice(self.id, 0, ""),
+                    )
+        except DB_ERRORS as exc:
+            # Keep the text in memory; the next flush (or the final write) tries again.
+            log.warning("could not store text of answer %s yet: %s", self.id, exc)
+            self._dirty.set()
+            return
+        if ok:
+            self._flushed = end
+        else:
+            log.info("answer %s was ended or deleted elsewhere; stopping", self.id)
+            self.stop("cancelled", "cancelled")
+
+    async def _finish(self, status: str, finish_reason: str, error: str | None) -> None:
+        text = self.text
+        stored: Message | None = None
+        written = False
+        deadline = time.monotonic() + self._config.final_write_seconds
+        delay = 0.1
+        while True:
+            try:
+                async with self._pool.connection() as conn:
+                    stored = await store.finish_message(
+                        conn,
+                        message_id=self.id,
+                        text=text,
+                        status=status,
+                        finish_reason=finish_reason,
+                        error=error,
+                        usage=self._usage,
+                        sources=self._sources,
+                        notify=end_notice(self.id, status),
+                    )
+                    if stored is None:  # ended elsewhere (a remote cancel) or deleted
+                        stored = await store.read_message(conn, message_id=self.id)
+                written = True
+                break
+            except DB_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    log.error("could not store the end of answer %s: %s", self.id, exc)
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if stored is None:
+            stored = msgspec.structs.replace(
+                self.message,
+                content=text,
+                status=status,
+                finish_reason=finish_reason,
+                error=error,
+                usage=self._usage,
+                sources=self._sources,
+            )
+        if written:
+            log.info(
+                "answer %s ended %s (%s), %d chars",
+                self.id,
+                stored.status,
+                finish_reason,
+                len(text),
+            )
+        self.final = stored
+        self._publish(Ended(stored))
+        self.done.set()
+        self._on_done(self)
