@@ -65,7 +65,11 @@ class ToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """How the fake model behaves for one request (times in ms unless named otherwise)."""
+    """How the fake model behaves for one request (times in ms unless named otherwise).
+
+    Jitters are uniform in ±value. `fault_after` counts content tokens (argument pieces for tool
+    calls); cut/malformed/stall fire there, or before the finish chunk if that is past the end.
+    """
 
     ttft_ms: NonNegative = 0.0
     ttft_jitter_ms: NonNegative = 0.0
@@ -93,8 +97,6 @@ ZERO: Final = Scenario(tokens=300)
 
 def scenario_with(base: Scenario, fields: Mapping[str, Any]) -> Scenario:
     """`base` with `fields` overridden, validated like the JSON API (raises msgspec errors)."""
-    if not fields:
-        return base
     # Round-trip through builtins so values get the same validation as a JSON body would.
     data: dict[str, Any] = msgspec.to_builtins(base)
     data.update(msgspec.to_builtins(dict(fields)))
@@ -151,9 +153,12 @@ def _tool_deltas(calls: tuple[ToolCall, ...], round_: int) -> tuple[bytes, ...]:
     enc = msgspec.json.encode
     out: list[bytes] = []
     for index, call in enumerate(calls):
-        function = {"name": call.name, "arguments": ""}
-        header = {"index": index, "id": _call_id(call, round_, index), "type": "function"}
-        header["function"] = function
+        header: dict[str, Any] = {
+            "index": index,
+            "id": _call_id(call, round_, index),
+            "type": "function",
+            "function": {"name": call.name, "arguments": ""},
+        }
         # OpenAI folds the role into the first tool-call delta, with content null.
         first: dict[str, Any] = {"role": "assistant", "content": None} if index == 0 else {}
         out.append(enc({**first, "tool_calls": [header]}))
@@ -221,6 +226,14 @@ def _prompt_tokens(messages: Sequence[Any]) -> int:
     return words + 2
 
 
+# Seeding a Random from the OS costs ~20 us, so unseeded scenarios share this one.
+_SHARED_RNG: Final = random.Random()
+
+
+def _rng(seed: int | None) -> random.Random:
+    return _SHARED_RNG if seed is None else random.Random(seed)
+
+
 def _jittered(base_ms: float, jitter_ms: float, rng: random.Random) -> float:
     value = base_ms + rng.uniform(-jitter_ms, jitter_ms) if jitter_ms else base_ms
     return max(0.0, value) / 1000
@@ -231,7 +244,8 @@ class _Abort(Exception):
 
 
 _LOG: Final = logging.getLogger("bench.fake_upstream")
-# TRACE checks in uvicorn run per connection against this logger's level; keep them cheap.
+# uvicorn compares `logger.level` (not the effective level) with TRACE on every connection
+# and, at NOTSET, makes a trace log call each time; a real level skips that.
 _LOG.setLevel(logging.INFO)
 
 
@@ -380,7 +394,7 @@ class FakeUpstreamApp:
         # "fail once" works across the retries that repeat the same question.
         self._fault_uses: dict[Scenario, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._stopping = False
+        self.stopping = False  # set by abort_streams, cleared when a server starts
         self._sequence = 0
         self._routes: dict[tuple[str, str], Callable[..., Awaitable[None]]] = {
             ("POST", "/v1/chat/completions"): self._chat,
@@ -415,7 +429,7 @@ class FakeUpstreamApp:
 
     def abort_streams(self) -> None:
         """Drop every in-flight response: uvicorn would otherwise wait for paced streams."""
-        self._stopping = True
+        self.stopping = True
         for task in self._tasks:
             task.cancel()
 
@@ -520,7 +534,7 @@ class FakeUpstreamApp:
             else:
                 await self._complete(send, gone, plan)
         except asyncio.CancelledError:
-            if not self._stopping:
+            if not self.stopping:
                 raise
             # Our own shutdown: drop the socket quietly instead of a logged cancellation.
             self.stats.aborted += 1
@@ -614,7 +628,7 @@ class FakeUpstreamApp:
             items = _encoded_tokens(s.text, s.tokens)
             reason = b"stop"
 
-        rng = random.Random(s.seed)
+        rng = _rng(s.seed)
         if await _pause(gone, _jittered(s.ttft_ms, s.ttft_jitter_ms, rng)):
             stats.disconnects += 1
             return
@@ -674,7 +688,7 @@ class FakeUpstreamApp:
 
     async def _complete(self, send: ASGISend, gone: asyncio.Event, plan: _Plan) -> None:
         s = plan.scenario
-        rng = random.Random(s.seed)
+        rng = _rng(s.seed)
         if plan.calls:
             count = len(_tool_deltas(plan.calls, plan.round))
             tool_calls = [
@@ -685,8 +699,12 @@ class FakeUpstreamApp:
                 }
                 for i, call in enumerate(plan.calls)
             ]
-            message: dict[str, Any] = {"role": "assistant", "content": None}
-            message.update(tool_calls=tool_calls, refusal=None)
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": tool_calls,
+                "refusal": None,
+            }
             reason = "tool_calls"
         else:
             count = len(_tokens(s.text, s.tokens))
@@ -802,6 +820,7 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self.app.stopping = False  # the app may be served again after a stop
         await super().startup(sockets=sockets)
         if self.on_ready is not None:
             self.on_ready()
@@ -845,6 +864,18 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def _loop_notifier() -> tuple[asyncio.Event, Callable[[], None]]:
+    """An Event on the running loop, and a function any thread may call to set it."""
+    loop = asyncio.get_running_loop()
+    event = asyncio.Event()
+
+    def notify() -> None:
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(event.set)
+
+    return event, notify
+
+
 class FakeUpstream:
     """The fake upstream on 127.0.0.1:<free port>, served from a background thread.
 
@@ -868,6 +899,7 @@ class FakeUpstream:
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._on_exit: Callable[[], None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -876,14 +908,15 @@ class FakeUpstream:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def _launch(self) -> _Server:
+    def _launch(self, notify: Callable[[], None] | None = None) -> _Server:
         if self._thread is not None:
             raise RuntimeError("FakeUpstream is already running")
         sock = _bind(self.host, self.port)
         self.port = sock.getsockname()[1]
         self.url = _root_url(sock)
-        server = _Server(_config(self.app, quiet=True), self.app)
+        server = _Server(_config(self.app, quiet=True), self.app, on_ready=notify)
         self._failure = None
+        self._on_exit = notify
 
         def run() -> None:
             try:
@@ -893,6 +926,8 @@ class FakeUpstream:
             finally:
                 sock.close()
                 server.ready.set()
+                if self._on_exit is not None:
+                    self._on_exit()
 
         self._server = server
         self._thread = threading.Thread(target=run, name=f"fake-upstream-{self.port}", daemon=True)
@@ -913,9 +948,10 @@ class FakeUpstream:
 
     async def astart(self) -> Self:
         """`start` without blocking the caller's event loop while the thread boots."""
-        server = self._launch()
-        while not server.ready.is_set():
-            await asyncio.sleep(0.002)
+        event, notify = _loop_notifier()
+        server = self._launch(notify)
+        async with asyncio.timeout(30):
+            await event.wait()
         self._check_started(server)
         return self
 
@@ -943,11 +979,17 @@ class FakeUpstream:
 
     async def astop(self) -> None:
         """`stop` that keeps the caller's loop running (its clients may need to read/close)."""
+        event, notify = _loop_notifier()
+        self._on_exit = notify  # set before asking, so the thread's exit cannot be missed
         thread = self._request_stop()
         if thread is None:
             return
-        while thread.is_alive():
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(30):
+            while thread.is_alive():
+                # The timeout covers a thread that read _on_exit just before we replaced it.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await event.wait()
         self._join()
 
     def __enter__(self) -> Self:
@@ -1049,11 +1091,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = PACED if args.paced else ZERO if args.zero else Scenario()
     flags = ("ttft_ms", "ttft_jitter_ms", "tokens_per_second", "gap_jitter_ms", "tokens", "seed")
     fields = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
-    if args.scenario:
-        fields.update(json.loads(args.scenario))
     try:
+        fields.update(json.loads(args.scenario) if args.scenario else {})
         scenario = scenario_with(base, fields)
-    except msgspec.ValidationError as exc:
+    except (ValueError, msgspec.ValidationError) as exc:
         print(f"invalid scenario: {exc}", file=sys.stderr)
         return 2
     app = FakeUpstreamApp(scenario, model=args.model)

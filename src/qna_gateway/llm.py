@@ -126,6 +126,9 @@ class OpenAIAnswerer:
             raise AnswerError(f"The connection to the LLM failed: {_short(str(exc))}") from None
         except openai.APIError as exc:
             raise AnswerError(f"The LLM's stream broke: {_short(str(exc))}") from None
+        except ValueError as exc:
+            # The openai client lets a malformed chunk's JSONDecodeError through as it is.
+            raise AnswerError(f"The LLM sent a malformed chunk: {_short(str(exc))}") from None
 
 
 def _message_param(line: ChatLine) -> ChatCompletionMessageParam:

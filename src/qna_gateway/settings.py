@@ -150,8 +150,15 @@ class _Env:
 def normalise_database_url(url: str) -> str:
     """Accept libpq URLs and SQLAlchemy-style ones (`postgresql+asyncpg://`), return libpq's form.
 
-    The error never repeats the URL: it may hold a password.
+    libpq's `key=value` form is accepted as it is. The error never repeats the URL: it may hold
+    a password.
     """
+    if "://" not in url:
+        try:
+            conninfo_to_dict(url)
+        except psycopg.ProgrammingError:
+            raise SettingsError("DATABASE_URL is neither a URL nor a libpq conninfo") from None
+        return url
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     driver_schemes = {"postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"}

@@ -64,9 +64,8 @@ def parse_position(raw: str | None, message: Message) -> Position | None:
     return position
 
 
-def sse(event: str, event_id: str, data: bytes, *, retry_ms: int | None = None) -> bytes:
-    head = f"retry: {retry_ms}\n" if retry_ms is not None else ""
-    return b"".join((f"{head}id: {event_id}\nevent: {event}\ndata: ".encode(), data, b"\n\n"))
+def sse(event: str, event_id: str, data: bytes) -> bytes:
+    return b"".join((f"id: {event_id}\nevent: {event}\ndata: ".encode(), data, b"\n\n"))
 
 
 def terminal_event_name(message: Message) -> str:
@@ -112,18 +111,36 @@ async def answer_events(
     *,
     user_message: Message | None = None,
 ) -> AsyncIterator[bytes]:
-    """The event stream of one assistant message, from `position` to its terminal event."""
-    retry = manager.settings.sse_retry_ms
+    """The event stream of one assistant message, from `position` to its terminal event.
+
+    The first event carries the `retry:` hint; a hint alone would make some clients see an
+    event without an id.
+    """
+    hint = f"retry: {manager.settings.sse_retry_ms}\n".encode()
+    async for index, chunk in _enumerate(_events(manager, message, position, user_message)):
+        yield hint + chunk if index == 0 else chunk
+
+
+async def _enumerate(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes]]:
+    index = 0
+    async for chunk in chunks:
+        yield index, chunk
+        index += 1
+
+
+async def _events(
+    manager: TurnManager,
+    message: Message,
+    position: Position | None,
+    user_message: Message | None,
+) -> AsyncIterator[bytes]:
     cursor = _Cursor(message.id, position.offset if position else 0)
     if position is None:
         started = msgspec.structs.replace(
             message, content="", status="streaming", completed_at=None
         )
         opening = MessageStarted(**msgspec.structs.asdict(started), user_message=user_message)
-        yield sse("message.started", event_id(message.id, 0), _encode(opening), retry_ms=retry)
-    else:
-        # No event to hang the reconnection hint on yet: send it alone.
-        yield f"retry: {retry}\n\n".encode()
+        yield sse("message.started", event_id(message.id, 0), _encode(opening))
 
     turn = manager.local(message.id)
     if turn is not None:

@@ -77,6 +77,7 @@ class Turn:
         self._last_flush = 0.0
         self._dirty = asyncio.Event()
         self._big = asyncio.Event()
+        self._closing = False
 
         self._subscribers: set[Subscriber] = set()
         self._orphan_timer: asyncio.TimerHandle | None = None
@@ -202,8 +203,12 @@ class Turn:
                 f"internal error: {type(exc).__name__}",
             )
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Let a batch being written finish (cancelling it mid-query would cost the pool a
+            # connection); the final write below stores the whole text anyway.
+            self._closing = True
+            self._dirty.set()
+            self._big.set()
+            with contextlib.suppress(Exception):
                 await flusher
             self._disarm_orphan_timer()
         await self._finish(status, finish_reason, error)
@@ -232,8 +237,10 @@ class Turn:
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             await self._dirty.wait()
+            if self._closing:
+                return
             wait = self._last_flush + self._config.batch_interval - loop.time()
             if wait > 0 and self._length - self._flushed < self._config.batch_max_chars:
                 self._big.clear()

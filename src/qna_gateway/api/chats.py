@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, delete, get, post
-from litestar.params import Parameter
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from ..lifecycle import Services
 from ..schemas import Chat, ChatCreate, ChatPage
@@ -19,7 +20,12 @@ class ChatController(Controller):
     tags = ["chats"]
 
     @post("/", status_code=201)
-    async def create_chat(self, data: ChatCreate, services: Services, principal: str) -> Chat:
+    async def create_chat(
+        self,
+        data: JSONBody[ChatCreate],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
+    ) -> Chat:
         """Create a chat."""
         async with services.pool.connection() as conn:
             return await store.create_chat(
@@ -29,17 +35,22 @@ class ChatController(Controller):
     @get("/")
     async def list_chats(
         self,
-        services: Services,
-        principal: str,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
+        cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
     ) -> ChatPage:
         """The caller's chats, newest first; pass `next_cursor` back as `cursor` for more."""
         async with services.pool.connection() as conn:
             return await store.list_chats(conn, principal=principal, cursor=cursor, limit=limit)
 
     @get("/{chat_id:str}")
-    async def get_chat(self, chat_id: str, services: Services, principal: str) -> Chat:
+    async def get_chat(
+        self,
+        chat_id: FromPath[str],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
+    ) -> Chat:
         """One chat."""
         async with services.pool.connection() as conn:
             return await store.get_chat(
@@ -47,7 +58,12 @@ class ChatController(Controller):
             )
 
     @delete("/{chat_id:str}", status_code=204)
-    async def delete_chat(self, chat_id: str, services: Services, principal: str) -> None:
+    async def delete_chat(
+        self,
+        chat_id: FromPath[str],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
+    ) -> None:
         """Delete a chat and its messages; a running answer is cancelled first."""
         cid = parse_uuid(chat_id, "chat id")
         async with services.pool.connection() as conn:

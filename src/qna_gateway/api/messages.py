@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated, Any, cast
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -27,11 +28,11 @@ def asgi(response: object) -> ASGIApp:
 
 
 def _ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping")
+    return ServerSentEvent(comment="ping", sep="\n")
 
 
 def event_stream(
-    services: Services,
+    services: NamedDependency[Services],
     message: Message,
     position: Position | None,
     *,
@@ -64,11 +65,11 @@ class MessageController(Controller):
     @get("/")
     async def list_messages(
         self,
-        chat_id: str,
-        services: Services,
-        principal: str,
-        cursor: Annotated[str | None, Parameter(max_length=64)] = None,
-        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        chat_id: FromPath[str],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
+        cursor: Annotated[str | None, QueryParameter(max_length=64)] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=200)] = 50,
     ) -> MessagePage:
         """The chat's history, oldest first; pass `next_cursor` back as `cursor` for more."""
         async with services.pool.connection() as conn:
@@ -96,10 +97,10 @@ class MessageController(Controller):
     async def ask(
         self,
         request: Request[Any, Any, Any],
-        chat_id: str,
-        data: AskRequest,
-        services: Services,
-        principal: str,
+        chat_id: FromPath[str],
+        data: JSONBody[AskRequest],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
     ) -> ASGIApp:
         """Ask a question. The answer runs on even if this connection goes away."""
         if not data.content.strip():
@@ -132,7 +133,11 @@ class MessageController(Controller):
 
     @get("/{message_id:str}")
     async def get_message(
-        self, chat_id: str, message_id: str, services: Services, principal: str
+        self,
+        chat_id: FromPath[str],
+        message_id: FromPath[str],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
     ) -> Message:
         """One message as stored now (partial while it streams)."""
         async with services.pool.connection() as conn:
@@ -151,13 +156,11 @@ class MessageController(Controller):
     async def stream(
         self,
         request: Request[Any, Any, Any],
-        chat_id: str,
-        message_id: str,
-        services: Services,
-        principal: str,
-        last_event_id: Annotated[
-            str | None, Parameter(query="last_event_id", max_length=64)
-        ] = None,
+        chat_id: FromPath[str],
+        message_id: FromPath[str],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
+        last_event_id: Annotated[str | None, QueryParameter(max_length=64)] = None,
     ) -> ASGIApp:
         """SSE of an answer: what the client missed (per `Last-Event-ID`), then the live tail."""
         async with services.pool.connection() as conn:
@@ -178,7 +181,11 @@ class MessageController(Controller):
 
     @post("/{message_id:str}/cancel", status_code=200)
     async def cancel(
-        self, chat_id: str, message_id: str, services: Services, principal: str
+        self,
+        chat_id: FromPath[str],
+        message_id: FromPath[str],
+        services: NamedDependency[Services],
+        principal: NamedDependency[str],
     ) -> Message:
         """Stop a running answer; it ends `cancelled` with the text produced so far."""
         async with services.pool.connection() as conn:
