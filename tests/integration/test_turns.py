@@ -167,7 +167,7 @@ async def test_cancel_keeps_the_partial_text(
     assert deltas_text(replay) == row["content"]
 
 
-FAULTS = [
+FAULTS: list[tuple[dict[str, Any], str, str, str, bool]] = [
     # (scenario, status, finish_reason, error fragment, partial text expected)
     ({"fault": "http_500"}, "failed", "error", "HTTP 500", False),
     ({"fault": "http_429"}, "failed", "error", "HTTP 429", False),
