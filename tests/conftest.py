@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,18 +38,24 @@ KB_DIR = ROOT / "kb"
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A server to create the test database on: DATABASE_URL's, or an embedded one."""
+def postgres_server() -> Iterator[str]:
+    """A server to create the test database on: DATABASE_URL's, or an embedded one.
+
+    The embedded server's folder is not under pytest's tmp_path: pytest prunes old base
+    folders when another run starts, which would pull the data out from under this one.
+    """
     url = os.environ.get("DATABASE_URL")
     if url:
         yield normalise_database_url(url)
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("embedded-pg"))
+    folder = Path(tempfile.mkdtemp(prefix="qna-test-pg-"))
+    server = EmbeddedPostgres(folder)
     uri = asyncio.run(server.start())
     try:
         yield uri
     finally:
         asyncio.run(server.stop())
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
