@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -90,7 +91,11 @@ def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) ->
             if isinstance(item, dict):
                 errors.append({str(k): str(v) for k, v in item.items() if v is not None})
     detail = exc.detail or "The request is not valid."
-    if errors:
+    if any(e.get("key") == "data" and e.get("message") == "'data'" for e in errors):
+        # Litestar's way of saying the body is missing altogether.
+        errors = [{"key": "body", "message": "missing"}]
+        detail = "The request has no body; send a JSON object."
+    elif errors:
         detail = "; ".join(
             f"{e.get('key', e.get('source', 'body'))}: {e.get('message', '')}" for e in errors
         )
@@ -114,10 +119,24 @@ def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Pr
     detail = exc.detail
     if status == 404 and detail == "Not Found":
         detail = f"No route matches {request.method} {request.url.path}."
+    if status == 405:
+        allowed = (exc.headers or {}).get("allow", (exc.headers or {}).get("Allow", ""))
+        detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}."
+    if status == 400 and _caused_by(exc, msgspec.DecodeError):
+        detail = f"The request body is not valid JSON: {detail}"
     if status == 413:
         limit = request.route_handler.resolve_request_max_body_size()
         detail = f"The request body is larger than the limit of {limit} bytes."
     return problem_response(status, title, detail, headers=exc.headers, instance=request.url.path)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
@@ -126,6 +145,7 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
         HTTP_500_INTERNAL_SERVER_ERROR,
         "Internal server error",
         "The gateway failed to handle this request; it has been logged.",
+        instance=request.url.path,
     )
 
 

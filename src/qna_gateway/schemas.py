@@ -19,9 +19,16 @@ Role = Literal["user", "assistant"]
 Status = Literal["streaming", "completed", "failed", "cancelled", "interrupted"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "interrupted"})
 
-MetadataKey = Annotated[str, Meta(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
+# PostgreSQL text cannot hold NUL; refusing it here makes it a 400, not a failed INSERT.
+NO_NUL = "^[^\x00]*$"
+
+MetadataKey = Annotated[str, Meta(min_length=1, max_length=MAX_METADATA_KEY_CHARS, pattern=NO_NUL)]
 MetadataValue = (
-    Annotated[str, Meta(max_length=MAX_METADATA_VALUE_CHARS)] | int | float | bool | None
+    Annotated[str, Meta(max_length=MAX_METADATA_VALUE_CHARS, pattern=NO_NUL)]
+    | int
+    | float
+    | bool
+    | None
 )
 Metadata = Annotated[
     dict[MetadataKey, MetadataValue],
@@ -32,14 +39,14 @@ Metadata = Annotated[
 class ChatCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of `POST /v1/chats`."""
 
-    title: Annotated[str, Meta(max_length=MAX_TITLE_CHARS)] | None = None
+    title: Annotated[str, Meta(max_length=MAX_TITLE_CHARS, pattern=NO_NUL)] | None = None
     metadata: Metadata | None = None
 
 
 class AskRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of `POST /v1/chats/{chat_id}/messages`."""
 
-    content: Annotated[str, Meta(min_length=1, max_length=MAX_CONTENT_CHARS)]
+    content: Annotated[str, Meta(min_length=1, max_length=MAX_CONTENT_CHARS, pattern=NO_NUL)]
 
 
 class Chat(Struct, kw_only=True):

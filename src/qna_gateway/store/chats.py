@@ -56,7 +56,7 @@ async def list_chats(
     conn: AsyncConnection, *, principal: str, cursor: str | None, limit: int
 ) -> ChatPage:
     """Newest first; the cursor is the last row's seq, so pages stay stable under inserts."""
-    before = decode_cursor(cursor) if cursor else None
+    before = decode_cursor("chats", cursor) if cursor else None
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             f"SELECT {_COLUMNS} FROM chats WHERE principal = %s"
@@ -68,7 +68,7 @@ async def list_chats(
     rows = rows[:limit]
     return ChatPage(
         data=[_chat(r) for r in rows],
-        next_cursor=encode_cursor(rows[-1]["seq"]) if more else None,
+        next_cursor=encode_cursor("chats", rows[-1]["seq"]) if more else None,
     )
 
 

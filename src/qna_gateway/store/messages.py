@@ -164,7 +164,7 @@ async def read_message(conn: AsyncConnection, *, message_id: UUID) -> Message | 
 async def list_messages(
     conn: AsyncConnection, *, principal: str, chat_id: UUID, cursor: str | None, limit: int
 ) -> MessagePage:
-    after = decode_cursor(cursor) if cursor else None
+    after = decode_cursor("messages", cursor) if cursor else None
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             "SELECT 1 FROM chats WHERE id = %s AND principal = %s", (chat_id, principal)
@@ -181,7 +181,7 @@ async def list_messages(
     rows = rows[:limit]
     return MessagePage(
         data=[message_from_row(r) for r in rows],
-        next_cursor=encode_cursor(rows[-1]["seq"]) if more else None,
+        next_cursor=encode_cursor("messages", rows[-1]["seq"]) if more else None,
     )
 
 
