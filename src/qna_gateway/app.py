@@ -12,13 +12,14 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from sse_starlette.sse import AppStatus
 
 from . import __version__
+from .answers import Answerer
+from .api.admin import AdminController
 from .api.chats import ChatController
-from .api.deps import provide_principal, provide_services
+from .api.deps import provide_admin, provide_principal, provide_services
 from .api.health import health, ready
 from .api.messages import MessageController
 from .errors import exception_handlers
 from .lifecycle import Lifecycle, running_services
-from .llm import Answerer
 from .settings import Settings
 
 
@@ -44,10 +45,11 @@ def create_app(
                 lifecycle.services = None
 
     app = Litestar(
-        route_handlers=[health, ready, ChatController, MessageController],
+        route_handlers=[health, ready, ChatController, MessageController, AdminController],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),
+            "admin": Provide(provide_admin, sync_to_thread=False),
         },
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         lifespan=[lifespan],

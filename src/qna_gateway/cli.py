@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default QNA_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default QNA_PORT or 8000)")
     commands.add_parser("migrate", help="apply the database migrations and exit")
+    kb = commands.add_parser("kb", help="knowledge-base operations")
+    kb_commands = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
+    kb_commands.add_parser("sync", help="load QNA_KB_DIR into PostgreSQL (changed files only)")
     return parser
 
 
@@ -46,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
+    if args.command == "kb":
+        return asyncio.run(_kb_sync(settings))
     if args.host:
         settings = replace(settings, host=args.host)
     if args.port is not None:
@@ -61,6 +66,28 @@ async def _migrate(settings: Settings) -> int:
         if embedded is not None:
             await embedded.stop()
     print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
+    return 0
+
+
+async def _kb_sync(settings: Settings) -> int:
+    from psycopg import AsyncConnection
+
+    from .kb import read_documents, sync_documents
+
+    conninfo, embedded = await resolve_database(settings, None)
+    try:
+        await apply_migrations(conninfo)
+        documents = await asyncio.to_thread(read_documents, settings.kb_dir)
+        async with await AsyncConnection.connect(conninfo) as conn:
+            report = await sync_documents(conn, documents)
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+    print(
+        f"knowledge base {settings.kb_dir}: {len(report.added)} added, {len(report.changed)} "
+        f"changed, {len(report.removed)} removed, {report.unchanged} unchanged, "
+        f"{report.chunks_written} chunks written"
+    )
     return 0
 
 

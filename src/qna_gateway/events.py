@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -26,6 +27,21 @@ class TextAppended:
         return self.start + len(self.text)
 
 
+class ToolEventRecord(msgspec.Struct, frozen=True):
+    """A `tool.call` or `tool.result`: the `k`-th tool event of the answer, which happened when
+    the answer had `o` characters. Stored in `messages.tool_events` so replays put it back."""
+
+    k: int
+    o: int
+    event: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolEventAppended:
+    record: ToolEventRecord
+
+
 @dataclass(frozen=True, slots=True)
 class Ended:
     """The answer reached its terminal state; `message` is it as stored."""
@@ -43,7 +59,7 @@ class Reconnect:
     """This replica is draining: tell the client to reconnect elsewhere."""
 
 
-StreamEvent = TextAppended | Ended | Resync | Reconnect
+StreamEvent = TextAppended | ToolEventAppended | Ended | Resync | Reconnect
 
 
 class Notice(msgspec.Struct, omit_defaults=True):
@@ -67,6 +83,11 @@ def text_notice(message_id: UUID, start: int, text: str) -> str:
     if len(payload) > MAX_NOTIFY_BYTES:
         payload = _encoder.encode(Notice(m=str(message_id), n=start + len(text)))
     return payload.decode()
+
+
+def resync_notice(message_id: UUID, text_end: int) -> str:
+    """Something other than text changed (a tool event): readers re-read the row."""
+    return _encoder.encode(Notice(m=str(message_id), n=text_end)).decode()
 
 
 def end_notice(message_id: UUID, status: str) -> str:

@@ -1,80 +1,239 @@
-"""The knowledge base: documents from `kb/` split into passages, and a ranked keyword search."""
+"""The knowledge base: documents from a folder, chunked into PostgreSQL, and searched there."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
-import math
 import re
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
 from .schemas import Source
+from .store.pool import Pool
 
 log = logging.getLogger(__name__)
 
-MAX_DOCUMENT_BYTES = 2_000_000
-DOCUMENT_SUFFIXES = {".md", ".txt"}
-_WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "by",
-        "can",
-        "do",
-        "does",
-        "for",
-        "from",
-        "have",
-        "how",
-        "i",
-        "if",
-        "in",
-        "is",
-        "it",
-        "its",
-        "my",
-        "of",
-        "on",
-        "or",
-        "our",
-        "so",
-        "than",
-        "that",
-        "the",
-        "their",
-        "them",
-        "then",
-        "there",
-        "this",
-        "to",
-        "was",
-        "we",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "will",
-        "with",
-        "you",
-        "your",
-    ]
-)
+DOCUMENT_SUFFIXES = frozenset({".md", ".markdown", ".txt"})
+MAX_DOCUMENT_BYTES = 1_000_000
+MAX_CHUNK_CHARS = 900
+OVERLAP_CHARS = 150
+MAX_QUERY_CHARS = 500
+MAX_QUERY_WORDS = 24
+SNIPPET_CHARS = 240
+# Any constant shared by every replica: pg_advisory_xact_lock serialises their syncs.
+SYNC_LOCK_KEY = 0x716E615F6B62  # "qna_kb"
+
+_MD_HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
+_WORD = re.compile(r"[^\W_]+")
+
+
+# -- chunking ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Passage:
-    document: str
-    title: str
-    chunk: int
+class Chunk:
+    heading: str
+    content: str
+
+
+def _heading_of(line: str, *, plain_text: bool) -> str | None:
+    stripped = line.strip()
+    match = _MD_HEADING.match(stripped)
+    if match:
+        return match.group(1).strip()
+    # Plain-text documents mark sections with a short line in capitals.
+    letters = [c for c in stripped if c.isalpha()]
+    if plain_text and letters and len(stripped) <= 80 and all(c.isupper() for c in letters):
+        return stripped.rstrip(":").title()
+    return None
+
+
+def _split_long(paragraph: str, limit: int) -> list[str]:
+    """A paragraph longer than a chunk, cut at sentence (else word) boundaries."""
+    pieces: list[str] = []
+    current = ""
+    for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+        while len(sentence) > limit:
+            cut = sentence.rfind(" ", 0, limit)
+            cut = cut if cut > limit // 2 else limit
+            pieces.append((current + " " + sentence[:cut]).strip() if current else sentence[:cut])
+            current, sentence = "", sentence[cut:].strip()
+        if current and len(current) + 1 + len(sentence) > limit:
+            pieces.append(current)
+            current = sentence
+        else:
+            current = f"{current} {sentence}".strip()
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _tail(text: str, size: int) -> str:
+    """The last `size` characters, starting at a word boundary."""
+    if len(text) <= size:
+        return text
+    tail = text[-size:]
+    space = tail.find(" ")
+    return tail[space + 1 :] if 0 <= space < size // 2 else tail
+
+
+def chunk_document(
+    name: str, text: str, *, max_chars: int = MAX_CHUNK_CHARS, overlap: int = OVERLAP_CHARS
+) -> tuple[str, list[Chunk]]:
+    """The document's title and its chunks: one section (heading) at a time, paragraphs packed
+    up to `max_chars`, each chunk after the first in a section starting with the tail of the
+    previous one so a fact cut at a boundary is still found whole."""
+    plain = name.endswith(".txt")
+    lines = text.replace("\r\n", "\n").strip().split("\n")
+    title = Path(name).stem.replace("-", " ").title()
+    if lines and lines[0].strip():
+        title = _heading_of(lines[0], plain_text=False) or lines[0].strip()
+        lines = lines[1:]
+    sections: list[tuple[str, list[str]]] = [("", [])]
+    paragraph: list[str] = []
+
+    def end_paragraph() -> None:
+        if paragraph:
+            sections[-1][1].append(" ".join(p.strip() for p in paragraph).strip())
+            paragraph.clear()
+
+    for line in lines:
+        heading = _heading_of(line, plain_text=plain)
+        if heading is not None:
+            end_paragraph()
+            sections.append((heading, []))
+        elif not line.strip():
+            end_paragraph()
+        elif line.lstrip().startswith(("- ", "* ", "|")) or re.match(r"\s*\d+[.)] ", line):
+            # List items and table rows keep their own lines.
+            end_paragraph()
+            paragraph.append(line.strip())
+            end_paragraph()
+        else:
+            paragraph.append(line)
+    end_paragraph()
+
+    chunks: list[Chunk] = []
+    body_limit = max(max_chars - overlap, max_chars // 2)
+    for heading, paragraphs in sections:
+        current = ""
+        previous = ""
+        for para in paragraphs:
+            for piece in _split_long(para, body_limit) if len(para) > body_limit else [para]:
+                if current and len(current) + 1 + len(piece) > body_limit:
+                    chunks.append(Chunk(heading, _with_overlap(previous, current)))
+                    previous, current = current, piece
+                else:
+                    current = f"{current}\n{piece}" if current else piece
+        if current:
+            chunks.append(Chunk(heading, _with_overlap(previous, current)))
+    return title, chunks
+
+
+def _with_overlap(previous: str, current: str) -> str:
+    return f"{_tail(previous, OVERLAP_CHARS)} … {current}" if previous else current
+
+
+# -- reading the folder ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentFile:
+    path: str
     text: str
+    content_hash: str
+    size: int
+
+
+def read_documents(folder: Path, *, max_bytes: int = MAX_DOCUMENT_BYTES) -> list[DocumentFile]:
+    """Every readable document; binary, undecodable or huge files are skipped with a warning."""
+    if not folder.is_dir():
+        log.warning("knowledge-base folder %s does not exist; the knowledge base is empty", folder)
+        return []
+    documents: list[DocumentFile] = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in DOCUMENT_SUFFIXES:
+            continue
+        name = path.relative_to(folder).as_posix()
+        try:
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise ValueError(f"{size} bytes is more than the {max_bytes}-byte limit")
+            raw = path.read_bytes()
+            if b"\x00" in raw:
+                raise ValueError("it looks binary")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            log.warning("skipping knowledge-base file %s: it is not UTF-8 text", name)
+            continue
+        except (OSError, ValueError) as exc:
+            log.warning("skipping knowledge-base file %s: %s", name, exc)
+            continue
+        if not text.strip():
+            log.warning("skipping knowledge-base file %s: it is empty", name)
+            continue
+        digest = hashlib.sha256(raw).hexdigest()
+        documents.append(DocumentFile(name, text, digest, size))
+    return documents
+
+
+# -- syncing -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SyncReport:
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    chunks_written: int = 0
+
+
+async def sync_documents(conn: AsyncConnection, documents: list[DocumentFile]) -> SyncReport:
+    """Make the tables match `documents`, touching only what changed, in one transaction.
+
+    Replicas syncing at once queue on a transaction-level advisory lock, so each sees the
+    previous one's result and none duplicates or loses a chunk.
+    """
+    report = SyncReport()
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SYNC_LOCK_KEY,))
+        cur = await conn.execute("SELECT path, content_hash FROM kb_documents")
+        stored = {row[0]: row[1] for row in await cur.fetchall()}
+        wanted = {doc.path for doc in documents}
+        for path in sorted(set(stored) - wanted):
+            await conn.execute("DELETE FROM kb_documents WHERE path = %s", (path,))
+            report.removed.append(path)
+        for doc in documents:
+            if stored.get(doc.path) == doc.content_hash:
+                report.unchanged += 1
+                continue
+            title, chunks = chunk_document(doc.path, doc.text)
+            await conn.execute(
+                "INSERT INTO kb_documents (path, title, content_hash, size_bytes)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (path) DO UPDATE SET title = excluded.title,"
+                " content_hash = excluded.content_hash, size_bytes = excluded.size_bytes,"
+                " synced_at = now()",
+                (doc.path, title, doc.content_hash, doc.size),
+            )
+            await conn.execute("DELETE FROM kb_chunks WHERE document = %s", (doc.path,))
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO kb_chunks (document, chunk, title, heading, content)"
+                    " VALUES (%s, %s, %s, %s, %s)",
+                    [(doc.path, i, title, c.heading, c.content) for i, c in enumerate(chunks)],
+                )
+            report.chunks_written += len(chunks)
+            (report.changed if doc.path in stored else report.added).append(doc.path)
+    return report
+
+
+# -- searching ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,99 +242,89 @@ class Hit:
     passage: str
 
 
-def words(text: str) -> list[str]:
-    return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+def query_words(query: str) -> list[str]:
+    """Letters and digits only: what is left can't be tsquery syntax, whatever was sent."""
+    return _WORD.findall(query[:MAX_QUERY_CHARS].lower())[:MAX_QUERY_WORDS]
 
 
-def split_document(name: str, text: str) -> list[Passage]:
-    """Split on blank lines, keeping each heading with the paragraph under it."""
-    lines = text.strip().splitlines()
-    title = lines[0].lstrip("# ").strip() if lines else name
-    passages: list[Passage] = []
-    heading = ""
-    for block in re.split(r"\n\s*\n", text.strip()):
-        block = block.strip()
-        if not block:
-            continue
-        if block.startswith("#") and "\n" not in block:
-            heading = block.lstrip("# ").strip()
-            continue
-        body = f"{heading}: {block}" if heading and not block.startswith("#") else block
-        passages.append(Passage(name, title, len(passages), body.lstrip("# ")))
-    return passages
+# Full-text search, any word matching (questions rarely share every word with the answer),
+# ranked by ts_rank over the weighted title/heading/content vector (bench/kb_eval.py chose it
+# over ts_rank_cd and the length normalisations); chunks that match the whole query as
+# websearch syntax rank first.
+_FULL_TEXT = """
+WITH q AS (
+    SELECT to_tsquery('english', %(any)s) AS any_word,
+           websearch_to_tsquery('english', %(raw)s) AS whole
+)
+SELECT c.document, c.chunk, c.title, c.heading, c.content,
+       ts_rank(c.tsv, q.any_word) + CASE WHEN c.tsv @@ q.whole THEN 1 ELSE 0 END AS score,
+       ts_headline('english', c.content, q.any_word,
+                   'MaxWords=40, MinWords=15, StartSel=**, StopSel=**, MaxFragments=1') AS snippet
+FROM kb_chunks c, q
+WHERE c.tsv @@ q.any_word
+ORDER BY score DESC, c.document, c.chunk
+LIMIT %(limit)s
+"""
+
+# The fallback for near-misses (typos, words stemming cannot relate): trigram similarity.
+_TRIGRAM = """
+SELECT c.document, c.chunk, c.title, c.heading, c.content,
+       word_similarity(%(raw)s, c.title || ' ' || c.heading || ' ' || c.content) AS score,
+       left(c.content, %(snippet)s) AS snippet
+FROM kb_chunks c
+WHERE %(raw)s <%% (c.title || ' ' || c.heading || ' ' || c.content)
+ORDER BY score DESC, c.document, c.chunk
+LIMIT %(limit)s
+"""
 
 
 class KnowledgeBase:
-    """An in-memory BM25 index over the passages of the documents in one folder."""
+    """Search over the chunks in PostgreSQL; `on_search` counts searches for the metrics."""
 
-    def __init__(self, passages: list[Passage]) -> None:
-        self._passages = passages
-        self._terms = [Counter(words(p.title + " " + p.text)) for p in passages]
-        self._lengths = [sum(t.values()) for t in self._terms]
-        self._avg_length = (sum(self._lengths) / len(passages)) if passages else 1.0
-        document_frequency: Counter[str] = Counter()
-        for terms in self._terms:
-            document_frequency.update(terms.keys())
-        n = len(passages)
-        self._idf = {
-            term: math.log(1 + (n - df + 0.5) / (df + 0.5))
-            for term, df in document_frequency.items()
-        }
+    def __init__(self, pool: Pool, *, on_search: Callable[[], None] | None = None) -> None:
+        self._pool = pool
+        self._on_search = on_search
 
-    @classmethod
-    def load(cls, folder: Path) -> KnowledgeBase:
-        """Read every document; a file that is not text is skipped with a warning naming it."""
-        passages: list[Passage] = []
-        if not folder.is_dir():
-            log.warning(
-                "knowledge-base folder %s does not exist; the knowledge base is empty", folder
-            )
-            return cls([])
-        for path in sorted(folder.rglob("*")):
-            if not path.is_file() or path.suffix.lower() not in DOCUMENT_SUFFIXES:
-                continue
-            name = path.relative_to(folder).as_posix()
-            try:
-                if path.stat().st_size > MAX_DOCUMENT_BYTES:
-                    raise ValueError(f"larger than {MAX_DOCUMENT_BYTES} bytes")
-                raw = path.read_bytes()
-                if b"\x00" in raw:
-                    raise ValueError("binary content")
-                text = raw.decode("utf-8")
-            except (OSError, ValueError) as exc:
-                log.warning("skipping knowledge-base file %s: %s", name, exc)
-                continue
-            passages.extend(split_document(name, text))
-        log.info("knowledge base: %d passages from %s", len(passages), folder)
-        return cls(passages)
-
-    @property
-    def size(self) -> int:
-        return len(self._passages)
+    async def sync(self, folder: Path) -> SyncReport:
+        documents = await asyncio.to_thread(read_documents, folder)
+        async with self._pool.connection() as conn:
+            report = await sync_documents(conn, documents)
+        log.info(
+            "knowledge base synced from %s: %d added, %d changed, %d removed, %d unchanged",
+            folder,
+            len(report.added),
+            len(report.changed),
+            len(report.removed),
+            report.unchanged,
+        )
+        return report
 
     async def search(self, query: str, *, limit: int = 3) -> list[Hit]:
-        terms = set(words(query))
-        scored: list[tuple[float, int]] = []
-        k1, b = 1.2, 0.75
-        for index, counts in enumerate(self._terms):
-            score = 0.0
-            for term in terms:
-                tf = counts.get(term, 0)
-                if tf:
-                    norm = tf + k1 * (1 - b + b * self._lengths[index] / self._avg_length)
-                    score += self._idf[term] * tf * (k1 + 1) / norm
-            if score > 0:
-                scored.append((score, index))
-        scored.sort(key=lambda item: (-item[0], item[1]))
-        hits: list[Hit] = []
-        for score, index in scored[:limit]:
-            passage = self._passages[index]
-            source = Source(
-                document=passage.document,
-                title=passage.title,
-                chunk=passage.chunk,
-                score=round(score, 4),
-                snippet=passage.text[:240],
+        if self._on_search is not None:
+            self._on_search()
+        words = query_words(query)
+        if not words:
+            return []
+        raw = " ".join(words)
+        params = {"any": " | ".join(words), "raw": raw, "limit": limit, "snippet": SNIPPET_CHARS}
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_FULL_TEXT, params)
+            rows = await cur.fetchall()
+            if not rows:
+                async with conn.transaction():
+                    await cur.execute("SET LOCAL pg_trgm.word_similarity_threshold = 0.3")
+                    await cur.execute(_TRIGRAM, params)
+                    rows = await cur.fetchall()
+        return [
+            Hit(
+                Source(
+                    document=row["document"],
+                    title=row["title"],
+                    chunk=row["chunk"],
+                    score=round(float(row["score"]), 4),
+                    snippet=" ".join(row["snippet"].split()),
+                ),
+                f"{row['heading']}: {row['content']}" if row["heading"] else row["content"],
             )
-            hits.append(Hit(source, passage.text))
-        return hits
+            for row in rows
+        ]

@@ -11,8 +11,9 @@ from types import FrameType
 
 import uvicorn
 
+from .answers import Answerer
 from .kb import KnowledgeBase
-from .llm import Answerer, make_answerer
+from .llm import make_answerer
 from .settings import Settings
 from .store.embedded import EmbeddedPostgres
 from .store.migrations import apply_migrations
@@ -64,7 +65,8 @@ async def running_services(
         )
         await pool.open(wait=True, timeout=max(settings.db_pool_timeout_seconds, 10))
         try:
-            kb = await asyncio.to_thread(KnowledgeBase.load, settings.kb_dir)
+            kb = KnowledgeBase(pool)
+            await kb.sync(settings.kb_dir)
             answerer = answerer or make_answerer(settings, kb)
             if settings.llm_configured:
                 log.info(

@@ -1,81 +1,67 @@
-"""Answerers behind one small Protocol: the OpenAI-compatible LLM, and extractive mode."""
+"""The OpenAI-compatible answerer: streamed chat completions with a knowledge-base tool loop."""
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
 
+from .answers import (
+    Answerer,
+    AnswerError,
+    AnswerEvent,
+    ChatLine,
+    Finished,
+    TextDelta,
+    ToolCalled,
+    ToolResult,
+    UsageReported,
+)
+from .extractive import ExtractiveAnswerer
 from .kb import KnowledgeBase
-from .schemas import Source, Usage
+from .schemas import Usage
 from .settings import Settings
+from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, run_tool
+
+PREFETCH_NOTE = (
+    "Passages from the knowledge base that may answer the question (cite their documents):\n"
+)
 
 
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    text: str
+@dataclass
+class _PartialCall:
+    """A tool call assembled from streamed deltas (id and name first, arguments in pieces)."""
+
+    call_id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class SourcesFound:
-    sources: list[Source]
-
-
-@dataclass(frozen=True, slots=True)
-class UsageReported:
-    usage: Usage
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    reason: str
-
-
-AnswerEvent = TextDelta | SourcesFound | UsageReported | Finished
-
-
-@dataclass(frozen=True, slots=True)
-class ChatLine:
-    """One line of the conversation the answerer sees."""
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class AnswerError(Exception):
-    """The answer could not be produced; `timeout` ends the message `interrupted`, else `failed`."""
-
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
-        super().__init__(message)
-        self.timeout = timeout
-
-
-class Answerer(Protocol):
-    """Streams the answer to a conversation whose last line is the question."""
-
-    @property
-    def model(self) -> str: ...
-
-    def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]: ...
-
-    async def aclose(self) -> None: ...
+@dataclass
+class _Round:
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _PartialCall] = field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: Usage | None = None
 
 
 class OpenAIAnswerer:
     """Any OpenAI-compatible chat-completions endpoint, through one reused AsyncOpenAI client.
 
     The client retries connection errors, 408/409/429 and 5xx (with backoff, honouring
-    Retry-After) before the stream starts; once text has flowed nothing is retried, since the
-    text already went out to the clients.
+    Retry-After) before a stream starts; once text has flowed nothing is retried, since it
+    already went out to the clients. With `QNA_KB_MODE=tools` the model gets the search tool
+    for up to `QNA_KB_MAX_ROUNDS` rounds; with `prefetch` the passages are found first and
+    given to it in the prompt (for models without tool support).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, kb: KnowledgeBase) -> None:
         key = settings.openai_api_key.reveal() if settings.openai_api_key else "not-needed"
-        self._model = settings.model
+        self._settings = settings
+        self._kb = kb
         self._client = openai.AsyncOpenAI(
             api_key=key,
             base_url=settings.openai_base_url,
@@ -88,34 +74,105 @@ class OpenAIAnswerer:
 
     @property
     def model(self) -> str:
-        return self._model
+        return self._settings.model
 
     async def aclose(self) -> None:
         await self._client.close()
 
     async def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]:
-        messages: list[ChatCompletionMessageParam] = [_message_param(line) for line in conversation]
+        messages: list[dict[str, Any]] = [
+            {"role": line.role, "content": line.content} for line in conversation
+        ]
+        mode = self._settings.kb_mode
+        if mode == "prefetch" and conversation:
+            question = conversation[-1].content
+            yield ToolCalled("prefetch", SEARCH_TOOL_NAME, json.dumps({"query": question}))
+            hits = await self._kb.search(question, limit=self._settings.kb_top_k)
+            yield ToolResult("prefetch", [hit.source for hit in hits])
+            messages.insert(
+                -1, {"role": "system", "content": PREFETCH_NOTE + passages_for_model(hits)}
+            )
+        total_in = total_out = 0
+        max_rounds = self._settings.kb_max_rounds if mode == "tools" else 0
+        for round_number in range(max_rounds + 1):
+            # The last round offers no tool, so the model has to answer with what it found.
+            offer_tool = round_number < max_rounds
+            result = _Round()
+            async for event in self._one_round(messages, offer_tool, result):
+                yield event
+            if result.usage is not None:
+                total_in += result.usage.input_tokens
+                total_out += result.usage.output_tokens
+            calls = [result.calls[i] for i in sorted(result.calls)]
+            if not calls:
+                if total_in or total_out:
+                    yield UsageReported(Usage(input_tokens=total_in, output_tokens=total_out))
+                yield Finished(result.finish_reason or "stop")
+                return
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": "".join(result.text) or None,
+                    "tool_calls": [
+                        {
+                            "id": call.call_id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": "".join(call.arguments)},
+                        }
+                        for call in calls
+                    ],
+                }
+            )
+            for call in calls:
+                arguments = "".join(call.arguments)
+                yield ToolCalled(call.call_id, call.name, arguments)
+                outcome = await run_tool(
+                    self._kb, call.name, arguments, limit=self._settings.kb_top_k
+                )
+                yield ToolResult(call.call_id, outcome.sources, outcome.error)
+                messages.append(
+                    {"role": "tool", "tool_call_id": call.call_id, "content": outcome.content}
+                )
+        raise AnswerError("The model kept calling tools and never answered.")
+
+    async def _one_round(
+        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round
+    ) -> AsyncIterator[AnswerEvent]:
+        tools_mode = self._settings.kb_mode == "tools"
         try:
+            # Once tool messages are in the conversation the tool must stay declared;
+            # tool_choice="none" is how the last round forbids another call.
             stream = await self._client.chat.completions.create(
-                model=self._model,
-                messages=messages,
+                model=self._settings.model,
+                messages=cast(Any, messages),
                 stream=True,
                 stream_options={"include_usage": True},
+                tools=cast(Any, [SEARCH_TOOL]) if tools_mode else openai.omit,
+                tool_choice=("auto" if offer_tool else "none") if tools_mode else openai.omit,
             )
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:
-                        yield UsageReported(
-                            Usage(
-                                input_tokens=chunk.usage.prompt_tokens,
-                                output_tokens=chunk.usage.completion_tokens,
-                            )
+                        result.usage = Usage(
+                            input_tokens=chunk.usage.prompt_tokens,
+                            output_tokens=chunk.usage.completion_tokens,
                         )
                     for choice in chunk.choices:
-                        if choice.delta.content:
-                            yield TextDelta(choice.delta.content)
+                        delta = choice.delta
+                        if delta.content:
+                            result.text.append(delta.content)
+                            yield TextDelta(delta.content)
+                        for piece in delta.tool_calls or ():
+                            call = result.calls.setdefault(piece.index, _PartialCall())
+                            if piece.id:
+                                call.call_id = piece.id
+                            if piece.function is not None:
+                                if piece.function.name:
+                                    call.name += piece.function.name
+                                if piece.function.arguments:
+                                    call.arguments.append(piece.function.arguments)
                         if choice.finish_reason is not None:
-                            yield Finished(choice.finish_reason)
+                            result.finish_reason = choice.finish_reason
         except openai.APITimeoutError:
             raise AnswerError("The LLM did not answer in time.", timeout=True) from None
         except openai.APIStatusError as exc:
@@ -129,58 +186,15 @@ class OpenAIAnswerer:
         except ValueError as exc:
             # The openai client lets a malformed chunk's JSONDecodeError through as it is.
             raise AnswerError(f"The LLM sent a malformed chunk: {_short(str(exc))}") from None
-
-
-def _message_param(line: ChatLine) -> ChatCompletionMessageParam:
-    if line.role == "system":
-        return {"role": "system", "content": line.content}
-    if line.role == "assistant":
-        return {"role": "assistant", "content": line.content}
-    return {"role": "user", "content": line.content}
+        for index, call in result.calls.items():
+            call.call_id = call.call_id or f"call_{index}"
 
 
 def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-_PIECE = re.compile(r"\s*\S+")
-
-
-class ExtractiveAnswerer:
-    """No LLM: answer with the knowledge-base passages that best match the question."""
-
-    def __init__(self, kb: KnowledgeBase, *, top_k: int = 3) -> None:
-        self._kb = kb
-        self._top_k = top_k
-
-    @property
-    def model(self) -> str:
-        return "extractive"
-
-    async def aclose(self) -> None:
-        return None
-
-    async def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]:
-        question = conversation[-1].content if conversation else ""
-        hits = await self._kb.search(question, limit=self._top_k)
-        if not hits:
-            text = (
-                "I found nothing in the knowledge base about that. "
-                "Try other words, or ask about a policy by name."
-            )
-        else:
-            yield SourcesFound([hit.source for hit in hits])
-            parts = ["Here is what the knowledge base says:"]
-            for hit in hits:
-                parts.append(f"\n\n**{hit.source.title}** ({hit.source.document}):\n{hit.passage}")
-            text = "".join(parts)
-        # Word-sized pieces, so extractive answers stream like an LLM's.
-        for piece in _PIECE.findall(text):
-            yield TextDelta(piece)
-        yield Finished("stop")
-
-
 def make_answerer(settings: Settings, kb: KnowledgeBase) -> Answerer:
     if settings.llm_configured:
-        return OpenAIAnswerer(settings)
-    return ExtractiveAnswerer(kb)
+        return OpenAIAnswerer(settings, kb)
+    return ExtractiveAnswerer(kb, top_k=settings.kb_top_k)

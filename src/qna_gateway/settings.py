@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import psycopg
 from dotenv import dotenv_values
@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 T = TypeVar("T")
 
 LogFormat = Literal["json", "console"]
+KbMode = Literal["tools", "prefetch"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the customer-support assistant of the company whose knowledge base you can search. "
@@ -68,8 +69,11 @@ class Settings:
     port: int = 8000
     max_body_bytes: int = 262_144
 
-    # Knowledge base.
+    # Knowledge base: "tools" lets the model search; "prefetch" searches before the call.
     kb_dir: Path = Path("kb")
+    kb_mode: KbMode = "tools"
+    kb_max_rounds: int = 3
+    kb_top_k: int = 4
 
     # Turns and streams.
     batch_interval_ms: int = 100
@@ -159,7 +163,10 @@ def normalise_database_url(url: str) -> str:
         except psycopg.ProgrammingError:
             raise SettingsError("DATABASE_URL is neither a URL nor a libpq conninfo") from None
         return url
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise SettingsError("DATABASE_URL is not a valid URL") from None
     scheme = parts.scheme.lower()
     driver_schemes = {"postgresql+asyncpg", "postgresql+psycopg", "postgresql+psycopg2"}
     if scheme in driver_schemes or scheme == "postgres":
@@ -170,12 +177,20 @@ def normalise_database_url(url: str) -> str:
             "postgresql+asyncpg:// or postgresql+psycopg://"
         )
     # asyncpg spells libpq's sslmode as `ssl`; translate so copied URLs keep working.
-    query = [("sslmode" if k == "ssl" else k, v) for k, v in parse_qsl(parts.query)]
-    normalised = urlunsplit((scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+    # quote (not quote_plus): libpq reads `+` literally, so a space must stay %20.
+    query = urlencode(
+        [("sslmode" if k == "ssl" else k, v) for k, v in parse_qsl(parts.query)], quote_via=quote
+    )
+    # Built by hand: urlunsplit drops the `//` of a host-less URL (`postgresql:///db`).
+    normalised = f"{scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
     try:
         conninfo_to_dict(normalised)
-    except psycopg.ProgrammingError as exc:
-        raise SettingsError(f"DATABASE_URL is not a valid PostgreSQL URL: {exc}") from None
+    except psycopg.ProgrammingError:
+        # libpq's message can quote the part it choked on, password included: not repeated.
+        raise SettingsError(
+            "DATABASE_URL is not a valid PostgreSQL URL (check its percent-encoding and its "
+            "query parameters)"
+        ) from None
     return normalised
 
 
@@ -184,6 +199,14 @@ def _log_format(value: str) -> LogFormat:
         return "json"
     if value == "console":
         return "console"
+    raise ValueError(value)
+
+
+def _kb_mode(value: str) -> KbMode:
+    if value == "tools":
+        return "tools"
+    if value == "prefetch":
+        return "prefetch"
     raise ValueError(value)
 
 
@@ -239,6 +262,11 @@ def _read(env: _Env) -> Settings:
             "QNA_MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024, maximum=64 * 1024 * 1024
         ),
         kb_dir=env.get("QNA_KB_DIR", Path, defaults.kb_dir, what="a path"),
+        kb_mode=env.get("QNA_KB_MODE", _kb_mode, defaults.kb_mode, what="tools or prefetch"),
+        kb_max_rounds=env.integer(
+            "QNA_KB_MAX_ROUNDS", defaults.kb_max_rounds, minimum=0, maximum=10
+        ),
+        kb_top_k=env.integer("QNA_KB_TOP_K", defaults.kb_top_k, minimum=1, maximum=20),
         batch_interval_ms=env.integer(
             "QNA_BATCH_INTERVAL_MS", defaults.batch_interval_ms, minimum=1, maximum=10_000
         ),

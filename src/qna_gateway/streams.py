@@ -1,23 +1,32 @@
-"""SSE for one answer: replay what the client missed, then tail the live text to the end.
+"""SSE for one answer: replay what the client missed, then tail the live answer to the end.
 
-Event ids carry the answer's character offset: `<tag>.<offset>`, and `<tag>.<offset>.end` on
-the terminal event, where `<tag>` is the first 8 hex digits of the message id. A client that
-reconnects with one of them gets exactly the text after that offset, whichever replica it
-reaches and however far the stored text lags behind what was streamed.
+An event id is the state the client reaches with that event: `<tag>.<offset>` — it has the
+first `offset` characters of the answer — followed by `.t<k>` once it has the first `k` tool
+events, and by `.end` on the terminal event. `<tag>` is the first 8 hex digits of the message
+id. Reconnecting with one of them yields exactly what comes after that state, whichever
+process the client reaches and however far the stored text lags behind what was streamed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import msgspec
 
 from .errors import BadRequest
-from .events import Ended, Reconnect, TextAppended
+from .events import (
+    Ended,
+    Reconnect,
+    TextAppended,
+    ToolEventAppended,
+    ToolEventRecord,
+)
 from .schemas import Delta, Message, MessageStarted
 from .store import messages as store
 from .turn_manager import TurnManager
@@ -26,6 +35,7 @@ from .turns import DB_ERRORS
 log = logging.getLogger(__name__)
 
 _encode = msgspec.json.Encoder().encode
+_ID = re.compile(r"^([0-9a-f]{8})\.(\d{1,9})(?:\.t(\d{1,6}))?(\.end)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +43,7 @@ class Position:
     """Where a client's Last-Event-ID says it stopped."""
 
     offset: int
+    tools: int = 0
     ended: bool = False
 
 
@@ -40,25 +51,18 @@ def _tag(message_id: UUID) -> str:
     return message_id.hex[:8]
 
 
-def event_id(message_id: UUID, offset: int, *, end: bool = False) -> str:
-    return f"{_tag(message_id)}.{offset}{'.end' if end else ''}"
+def event_id(message_id: UUID, offset: int, tools: int = 0, *, end: bool = False) -> str:
+    return f"{_tag(message_id)}.{offset}{f'.t{tools}' if tools else ''}{'.end' if end else ''}"
 
 
 def parse_position(raw: str | None, message: Message) -> Position | None:
     """Read a Last-Event-ID for this message; 400 when it is not one of its ids."""
     if raw is None or raw == "":
         return None
-    parts = raw.strip().split(".")
-    valid = (
-        len(parts) in (2, 3)
-        and parts[0] == _tag(message.id)
-        and parts[1].isdigit()
-        and len(parts[1]) <= 9
-        and (len(parts) == 2 or parts[2] == "end")
-    )
-    if not valid:
+    match = _ID.match(raw.strip())
+    if match is None or match[1] != _tag(message.id):
         raise BadRequest(f"Last-Event-ID {raw[:80]!r} is not an event id of message {message.id}.")
-    position = Position(int(parts[1]), ended=len(parts) == 3)
+    position = Position(int(match[2]), int(match[3] or 0), ended=match[4] is not None)
     if message.is_terminal and position.offset > len(message.content):
         raise BadRequest(f"Last-Event-ID {raw!r} is past the end of message {message.id}.")
     return position
@@ -68,40 +72,65 @@ def sse(event: str, event_id: str, data: bytes) -> bytes:
     return b"".join((f"id: {event_id}\nevent: {event}\ndata: ".encode(), data, b"\n\n"))
 
 
-def terminal_event_name(message: Message) -> str:
-    return f"message.{message.status}"
+def tool_records(raw: list[Any]) -> list[ToolEventRecord]:
+    return sorted(msgspec.convert(raw, list[ToolEventRecord]), key=lambda r: r.k)
 
 
 class _Cursor:
-    """How much of the answer this client has; turns text events into what it lacks."""
+    """What this client has (text offset, tool events); turns what happens into what it lacks.
 
-    def __init__(self, message_id: UUID, offset: int) -> None:
+    Every method returns the SSE chunks to send, possibly none. A `gap` (something happened
+    that the client cannot be given in order) makes the caller re-read the stored answer.
+    """
+
+    def __init__(self, message_id: UUID, offset: int = 0, tools: int = 0) -> None:
         self.message_id = message_id
         self.offset = offset
+        self.tools = tools
+        self.gap = False
 
-    def text_event(self, start: int, text: str) -> bytes | None:
+    def _id(self, *, end: bool = False) -> str:
+        return event_id(self.message_id, self.offset, self.tools, end=end)
+
+    def text(self, start: int, text: str) -> Iterator[bytes]:
         end = start + len(text)
-        if end <= self.offset or start > self.offset:
-            return None
-        piece = text[self.offset - start :]
-        self.offset = end
-        return sse("message.delta", event_id(self.message_id, end), _encode(Delta(piece)))
+        if start > self.offset:
+            self.gap = True
+        elif end > self.offset:
+            piece = text[self.offset - start :]
+            self.offset = end
+            yield sse("message.delta", self._id(), _encode(Delta(piece)))
 
-    def catch_up(self, content: str) -> bytes | None:
-        return self.text_event(0, content) if len(content) > self.offset else None
+    def tool(self, record: ToolEventRecord) -> Iterator[bytes]:
+        if record.k <= self.tools:
+            return
+        if record.k > self.tools + 1 or record.o > self.offset:
+            self.gap = True
+            return
+        self.tools = record.k
+        yield sse(record.event, self._id(), _encode(record.data))
 
-    def gap_after(self, event: TextAppended) -> bool:
-        return event.start > self.offset
+    def catch_up(self, content: str, records: list[ToolEventRecord]) -> Iterator[bytes]:
+        """Everything missed from a snapshot: text and tool events, each in its place."""
+        self.gap = False
+        for record in records:
+            if record.k <= self.tools:
+                continue
+            if record.o > len(content):  # its text is not stored yet; wait for it
+                break
+            if record.o > self.offset:
+                yield from self.text(self.offset, content[self.offset : record.o])
+            yield from self.tool(record)
+        if len(content) > self.offset:
+            yield from self.text(self.offset, content[self.offset :])
+        self.gap = False
 
     def terminal(self, message: Message) -> bytes:
-        return sse(
-            terminal_event_name(message),
-            event_id(self.message_id, max(self.offset, len(message.content)), end=True),
-            _encode(message),
-        )
+        self.offset = max(self.offset, len(message.content))
+        return sse(f"message.{message.status}", self._id(end=True), _encode(message))
 
     def reconnect(self) -> bytes:
-        return sse("reconnect", event_id(self.message_id, self.offset), b"{}")
+        return sse("reconnect", self._id(), b"{}")
 
 
 async def answer_events(
@@ -117,15 +146,10 @@ async def answer_events(
     event without an id.
     """
     hint = f"retry: {manager.settings.sse_retry_ms}\n".encode()
-    async for index, chunk in _enumerate(_events(manager, message, position, user_message)):
-        yield hint + chunk if index == 0 else chunk
-
-
-async def _enumerate(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes]]:
-    index = 0
-    async for chunk in chunks:
-        yield index, chunk
-        index += 1
+    first = True
+    async for chunk in _events(manager, message, position, user_message):
+        yield hint + chunk if first else chunk
+        first = False
 
 
 async def _events(
@@ -134,8 +158,9 @@ async def _events(
     position: Position | None,
     user_message: Message | None,
 ) -> AsyncIterator[bytes]:
-    cursor = _Cursor(message.id, position.offset if position else 0)
-    if position is None:
+    cursor = _Cursor(message.id, position.offset, position.tools) if position else None
+    if cursor is None:
+        cursor = _Cursor(message.id)
         started = msgspec.structs.replace(
             message, content="", status="streaming", completed_at=None
         )
@@ -144,19 +169,21 @@ async def _events(
 
     turn = manager.local(message.id)
     if turn is not None:
-        text, final, queue = turn.subscribe()
+        text, records, final, queue = turn.subscribe()
         try:
-            if (chunk := cursor.catch_up(text)) is not None:
+            for chunk in cursor.catch_up(text, records):
                 yield chunk
-            cursor.offset = max(cursor.offset, len(text))
             while final is None:
                 event = await queue.get()
                 if isinstance(event, TextAppended):
-                    if (chunk := cursor.text_event(event.start, event.text)) is not None:
+                    for chunk in cursor.text(event.start, event.text):
+                        yield chunk
+                elif isinstance(event, ToolEventAppended):
+                    for chunk in cursor.tool(event.record):
                         yield chunk
                 elif isinstance(event, Ended):
                     final = event.message
-            if (chunk := cursor.catch_up(final.content)) is not None:
+            for chunk in cursor.catch_up(final.content, turn.tool_events):
                 yield chunk
             yield cursor.terminal(final)
         finally:
@@ -186,15 +213,16 @@ async def _tail_remote(
                 last_read = loop.time()
                 try:
                     async with manager.pool.connection() as conn:
-                        current = await store.read_message(conn, message_id=message.id)
-                        if current is not None and not current.is_terminal:
+                        stored = await store.read_answer(conn, message_id=message.id)
+                        if stored is not None and not stored[0].is_terminal:
                             await store.mark_watched(conn, message_id=message.id)
                 except DB_ERRORS as exc:
                     log.warning("stream of %s could not read the table: %s", message.id, exc)
                 else:
-                    if current is None:  # the chat was deleted
+                    if stored is None:  # the chat was deleted
                         return
-                    if (chunk := cursor.catch_up(current.content)) is not None:
+                    current, raw_records = stored
+                    for chunk in cursor.catch_up(current.content, tool_records(raw_records)):
                         yield chunk
                     if current.is_terminal:
                         yield cursor.terminal(current)
@@ -206,10 +234,11 @@ async def _tail_remote(
             if isinstance(event, Reconnect):
                 yield cursor.reconnect()
                 return
-            if isinstance(event, TextAppended) and not cursor.gap_after(event):
-                if (chunk := cursor.text_event(event.start, event.text)) is not None:
+            if isinstance(event, TextAppended):
+                for chunk in cursor.text(event.start, event.text):
                     yield chunk
-            else:  # a resync, a final status or a gap: the table is the truth
+                reread = cursor.gap
+            else:  # a resync, a tool event, a final status: the table is the truth
                 reread = True
     finally:
         manager.hub.unsubscribe(message.id, queue)

@@ -9,9 +9,9 @@ import os
 import socket
 from uuid import UUID, uuid4
 
+from .answers import Answerer, ChatLine
 from .errors import Conflict, Unavailable
 from .events import Ended, Reconnect, Resync, cancel_notice, end_notice
-from .llm import Answerer, ChatLine
 from .pubsub import EventHub
 from .schemas import Message
 from .settings import Settings

@@ -21,19 +21,30 @@ import msgspec
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from .events import Ended, StreamEvent, TextAppended, end_notice, text_notice
-from .llm import (
+from .answers import (
     Answerer,
     AnswerError,
     ChatLine,
     Finished,
-    SourcesFound,
     TextDelta,
+    ToolCalled,
+    ToolResult,
     UsageReported,
+)
+from .events import (
+    Ended,
+    StreamEvent,
+    TextAppended,
+    ToolEventAppended,
+    ToolEventRecord,
+    end_notice,
+    resync_notice,
+    text_notice,
 )
 from .schemas import Message, Source, Usage
 from .store import messages as store
 from .store.pool import Pool
+from .tools import SEARCH_TOOL_NAME, search_query_of
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,9 @@ class Turn:
         self._flushed = 0
         self._last_flush = 0.0
         self._dirty = asyncio.Event()
+        # Flushes and tool-event writes take turns, so stored offsets stay in order.
+        self._write_lock = asyncio.Lock()
+        self._tool_events: list[ToolEventRecord] = []
         self._big = asyncio.Event()
         self._closing = False
 
@@ -96,6 +110,10 @@ class Turn:
         return self.message.id
 
     @property
+    def tool_events(self) -> list[ToolEventRecord]:
+        return list(self._tool_events)
+
+    @property
     def text(self) -> str:
         if len(self._joined) != self._length:
             self._joined = "".join(self._parts)
@@ -104,15 +122,14 @@ class Turn:
 
     # -- subscribers -------------------------------------------------------------------------
 
-    def subscribe(self) -> tuple[str, Message | None, Subscriber]:
-        """The text so far, the final message if ended, and a queue of what comes next.
-
-        Atomic (no await), so nothing falls between the snapshot and the queue.
+    def subscribe(self) -> tuple[str, list[ToolEventRecord], Message | None, Subscriber]:
+        """The text and tool events so far, the final message if ended, and a queue of what
+        comes next. Atomic (no await), so nothing falls between the snapshot and the queue.
         """
         queue: Subscriber = asyncio.Queue()
         self._subscribers.add(queue)
         self._disarm_orphan_timer()
-        return self.text, self.final, queue
+        return self.text, list(self._tool_events), self.final, queue
 
     def unsubscribe(self, queue: Subscriber) -> None:
         self._subscribers.discard(queue)
@@ -217,8 +234,20 @@ class Turn:
         async for event in self._answerer.answer(self._conversation):
             if isinstance(event, TextDelta):
                 self._append(event.text)
-            elif isinstance(event, SourcesFound):
-                self._sources = event.sources
+            elif isinstance(event, ToolCalled):
+                await self._tool_event("tool.call", _call_data(event))
+            elif isinstance(event, ToolResult):
+                found = self._sources if self._sources is not None else []
+                known = {(s.document, s.chunk) for s in found}
+                found += [s for s in event.sources if (s.document, s.chunk) not in known]
+                self._sources = found
+                data: dict[str, object] = {
+                    "id": event.call_id,
+                    "sources": msgspec.to_builtins(event.sources),
+                }
+                if event.error is not None:
+                    data["error"] = event.error
+                await self._tool_event("tool.result", data)
             elif isinstance(event, UsageReported):
                 self._usage = event.usage
             elif isinstance(event, Finished):
@@ -232,6 +261,25 @@ class Turn:
         self._dirty.set()
         if self._length - self._flushed >= self._config.batch_max_chars:
             self._big.set()
+
+    async def _tool_event(self, name: str, data: dict[str, object]) -> None:
+        record = ToolEventRecord(
+            k=len(self._tool_events) + 1, o=self._length, event=name, data=data
+        )
+        self._tool_events.append(record)
+        self._publish(ToolEventAppended(record))
+        # Store the text before the event, then the event, so a replay elsewhere puts it in
+        # place. A failure is logged; the final write stores every event again.
+        async with self._write_lock:
+            await self._flush_unlocked()
+            with contextlib.suppress(*DB_ERRORS):
+                async with self._pool.connection() as conn:
+                    await store.append_tool_event(
+                        conn,
+                        message_id=self.id,
+                        record=msgspec.to_builtins(record),
+                        notify=resync_notice(self.id, self._flushed),
+                    )
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -251,6 +299,10 @@ class Turn:
             await self._flush()
 
     async def _flush(self) -> None:
+        async with self._write_lock:
+            await self._flush_unlocked()
+
+    async def _flush_unlocked(self) -> None:
         start, end = self._flushed, self._length
         if end == start:
             return
@@ -302,6 +354,7 @@ class Turn:
                         error=error,
                         usage=self._usage,
                         sources=self._sources,
+                        tool_events=msgspec.to_builtins(self._tool_events),
                         notify=end_notice(self.id, status),
                     )
                     if stored is None:  # ended elsewhere (a remote cancel) or deleted
@@ -336,3 +389,15 @@ class Turn:
         self._publish(Ended(stored))
         self.done.set()
         self._on_done(self)
+
+
+def _call_data(event: ToolCalled) -> dict[str, object]:
+    data: dict[str, object] = {
+        "id": event.call_id,
+        "name": event.name,
+        "arguments": event.arguments,
+    }
+    if event.name == SEARCH_TOOL_NAME:
+        with contextlib.suppress(ValueError):
+            data["query"] = search_query_of(event.arguments)
+    return data

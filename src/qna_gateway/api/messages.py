@@ -123,7 +123,7 @@ class MessageController(Controller):
                     headers={"Location": stream_url, "Preference-Applied": "respond-async"},
                 )
             )
-        _, _, queue = turn.subscribe()  # a waiting caller counts as a watcher
+        *_, queue = turn.subscribe()  # a waiting caller counts as a watcher
         try:
             await turn.done.wait()
         finally:

@@ -235,13 +235,15 @@ async def finish_message(
     error: str | None,
     usage: Usage | None,
     sources: list[Source] | None,
+    tool_events: list[Any] | None = None,
     notify: str,
 ) -> Message | None:
     """Write the final text and status, once: a message that already ended is left alone."""
     async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             "UPDATE messages AS m SET content = %s, status = %s, finish_reason = %s, error = %s,"
-            " input_tokens = %s, output_tokens = %s, sources = %s, completed_at = now()"
+            " input_tokens = %s, output_tokens = %s, sources = %s, completed_at = now(),"
+            " tool_events = coalesce(%s, tool_events)"
             f" WHERE id = %s AND status = 'streaming' RETURNING {_COLUMNS}",
             (
                 text,
@@ -251,6 +253,7 @@ async def finish_message(
                 usage.input_tokens if usage else None,
                 usage.output_tokens if usage else None,
                 Jsonb(msgspec.to_builtins(sources)) if sources is not None else None,
+                Jsonb(tool_events) if tool_events is not None else None,
                 message_id,
             ),
         )
@@ -259,6 +262,32 @@ async def finish_message(
             return None
         await cur.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
     return message_from_row(row)
+
+
+async def append_tool_event(
+    conn: AsyncConnection, *, message_id: UUID, record: Any, notify: str
+) -> None:
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE messages SET tool_events = tool_events || %s"
+            " WHERE id = %s AND status = 'streaming'",
+            (Jsonb([record]), message_id),
+        )
+        await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
+
+
+async def read_answer(
+    conn: AsyncConnection, *, message_id: UUID
+) -> tuple[Message, list[Any]] | None:
+    """The message and its stored tool events (for replaying a stream)."""
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS}, m.tool_events FROM messages m WHERE m.id = %s", (message_id,)
+        )
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return message_from_row(row), list(row["tool_events"])
 
 
 async def mark_watched(conn: AsyncConnection, *, message_id: UUID) -> None:

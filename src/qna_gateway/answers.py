@@ -1,0 +1,70 @@
+"""What an answerer yields while it answers, and the Protocol every answerer implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .schemas import Source, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCalled:
+    """The model asked for a tool; `arguments` is its raw JSON text, valid or not."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    call_id: str
+    sources: list[Source]
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReported:
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    reason: str
+
+
+AnswerEvent = TextDelta | ToolCalled | ToolResult | UsageReported | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class ChatLine:
+    """One line of the conversation the answerer sees."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class AnswerError(Exception):
+    """The answer could not be produced; `timeout` ends the message `interrupted`, else `failed`."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class Answerer(Protocol):
+    """Streams the answer to a conversation whose last line is the question."""
+
+    @property
+    def model(self) -> str: ...
+
+    def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,48 @@
+"""Extractive mode: no LLM; the answer is the best knowledge-base passages, with sources."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+
+from .answers import AnswerEvent, ChatLine, Finished, TextDelta, ToolCalled, ToolResult
+from .kb import KnowledgeBase
+from .tools import SEARCH_TOOL_NAME
+
+_PIECE = re.compile(r"\s*\S+")
+
+
+class ExtractiveAnswerer:
+    """Searches with the question itself (the same search the model's tool uses)."""
+
+    def __init__(self, kb: KnowledgeBase, *, top_k: int = 3) -> None:
+        self._kb = kb
+        self._top_k = top_k
+
+    @property
+    def model(self) -> str:
+        return "extractive"
+
+    async def aclose(self) -> None:
+        return None
+
+    async def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]:
+        question = conversation[-1].content if conversation else ""
+        yield ToolCalled("search-1", SEARCH_TOOL_NAME, json.dumps({"query": question}))
+        hits = await self._kb.search(question, limit=self._top_k)
+        yield ToolResult("search-1", [hit.source for hit in hits])
+        if not hits:
+            text = (
+                "I found nothing in the knowledge base about that. "
+                "Try other words, or ask about a policy by name."
+            )
+        else:
+            parts = ["Here is what the knowledge base says:"]
+            for hit in hits:
+                parts.append(f"\n\n**{hit.source.title}** ({hit.source.document}):\n{hit.passage}")
+            text = "".join(parts)
+        # Word-sized pieces, so extractive answers stream like an LLM's.
+        for piece in _PIECE.findall(text):
+            yield TextDelta(piece)
+        yield Finished("stop")
