@@ -74,6 +74,7 @@ EVAL_SET: list[tuple[str, tuple[str, ...]]] = [
      ("price-match.txt", "trailhead-plus-membership.md")),
     ("how long does a zipper repair take and what does it cost?", ("repairs-and-rentals.md",)),
     ("what's the deposit for renting a tent?", ("repairs-and-rentals.md",)),
+    ("What is the security deposit for renting a tent?", ("repairs-and-rentals.md",)),
     ("what happens if i bring my rental back late?", ("repairs-and-rentals.md",)),
 ]  # fmt: skip
 

@@ -6,6 +6,7 @@ from typing import Any
 from uuid import UUID
 
 from litestar import Request
+from litestar.di import NamedDependency
 
 from ..errors import BadRequest, Unavailable
 from ..lifecycle import Lifecycle, Services
@@ -25,7 +26,7 @@ def provide_principal() -> str:
     return ANONYMOUS
 
 
-def provide_admin(principal: str) -> str:
+def provide_admin(principal: NamedDependency[str]) -> str:
     """The principal, when it may use admin endpoints. Without API keys (auth off, loopback
     only) the one principal is the operator, so it may."""
     return principal
