@@ -258,7 +258,8 @@ WITH q AS (
            websearch_to_tsquery('english', %(raw)s) AS whole
 )
 SELECT c.document, c.chunk, c.title, c.heading, c.content,
-       ts_rank('{0.1, 0.3, 0.5, 0.5}', c.tsv, q.any_word) + CASE WHEN c.tsv @@ q.whole THEN 1 ELSE 0 END AS score,
+       ts_rank('{0.1, 0.3, 0.5, 0.5}', c.tsv, q.any_word)
+           + CASE WHEN c.tsv @@ q.whole THEN 1 ELSE 0 END AS score,
        ts_headline('english', c.content, q.any_word,
                    'MaxWords=40, MinWords=15, StartSel=**, StopSel=**, MaxFragments=1') AS snippet
 FROM kb_chunks c, q
