@@ -29,6 +29,7 @@ from qna_gateway.lifecycle import Lifecycle
 from qna_gateway.settings import Secret, Settings, normalise_database_url
 from qna_gateway.store.embedded import EmbeddedPostgres
 from qna_gateway.store.migrations import apply_migrations
+from qna_gateway.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 KB_DIR = ROOT / "kb"
@@ -150,9 +151,11 @@ def free_socket() -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+async def running_gateway(
+    settings: Settings, telemetry: Telemetry | None = None
+) -> AsyncIterator[Gateway]:
     lifecycle = Lifecycle()
-    app = create_app(settings, lifecycle=lifecycle)
+    app = create_app(settings, lifecycle=lifecycle, telemetry=telemetry)
     sock = free_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
@@ -183,9 +186,9 @@ async def gateway_factory(database_url: str) -> AsyncIterator[GatewayFactory]:
     """Start gateways with settings overrides; all are stopped after the test."""
     async with contextlib.AsyncExitStack() as stack:
 
-        async def start(**overrides: Any) -> Gateway:
+        async def start(telemetry: Telemetry | None = None, **overrides: Any) -> Gateway:
             return await stack.enter_async_context(
-                running_gateway(base_settings(database_url, **overrides))
+                running_gateway(base_settings(database_url, **overrides), telemetry)
             )
 
         yield start

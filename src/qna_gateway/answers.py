@@ -54,9 +54,10 @@ class ChatLine:
 class AnswerError(Exception):
     """The answer could not be produced; `timeout` ends the message `interrupted`, else `failed`."""
 
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
+    def __init__(self, message: str, *, timeout: bool = False, kind: str = "error") -> None:
         super().__init__(message)
         self.timeout = timeout
+        self.kind = kind  # the span's error.type
 
 
 class Answerer(Protocol):

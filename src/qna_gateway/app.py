@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
-from litestar import Litestar
+from litestar import Litestar, Request, Response, get
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.types import ASGIApp
 from sse_starlette.sse import AppStatus
 
 from . import __version__
@@ -20,7 +22,9 @@ from .api.health import health, ready
 from .api.messages import MessageController
 from .errors import exception_handlers
 from .lifecycle import Lifecycle, running_services
+from .middleware import ObservabilityMiddleware
 from .settings import Settings
+from .telemetry import Telemetry, create_telemetry
 
 
 def create_app(
@@ -28,24 +32,44 @@ def create_app(
     *,
     answerer: Answerer | None = None,
     lifecycle: Lifecycle | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Litestar:
     """Build the app; nothing connects until the lifespan starts."""
     lifecycle = lifecycle or Lifecycle()
+    telemetry = telemetry or create_telemetry()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         # sse-starlette would cut every stream, without a final event, as soon as uvicorn
         # begins to exit; the gateway's own drain ends streams properly instead.
         AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
-        async with running_services(settings, answerer=answerer) as services:
-            lifecycle.services = services
-            try:
-                yield
-            finally:
-                lifecycle.services = None
+        try:
+            async with running_services(settings, telemetry, answerer=answerer) as services:
+                lifecycle.services = services
+                try:
+                    yield
+                finally:
+                    lifecycle.services = None
+        finally:
+            # Last, after the drain: spans of the final writes are exported too.
+            telemetry.shutdown()
+
+    @get("/metrics", tags=["probes"], media_type="text/plain")
+    async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Prometheus metrics; OpenMetrics (with exemplars) when the scraper asks for it."""
+        openmetrics = "application/openmetrics-text" in request.headers.get("accept", "")
+        body, content_type = telemetry.metrics.render(openmetrics=openmetrics)
+        return Response(body, media_type=content_type)
 
     app = Litestar(
-        route_handlers=[health, ready, ChatController, MessageController, AdminController],
+        route_handlers=[
+            health,
+            ready,
+            metrics,
+            ChatController,
+            MessageController,
+            AdminController,
+        ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
             "principal": Provide(provide_principal, sync_to_thread=False),
@@ -64,4 +88,7 @@ def create_app(
     )
     app.state.lifecycle = lifecycle
     app.state.settings = settings
+    app.state.telemetry = telemetry
+    # Outside the exception handling and routing: sees every request and its final status.
+    app.asgi_handler = cast(ASGIApp, ObservabilityMiddleware(app.asgi_handler, telemetry))
     return app

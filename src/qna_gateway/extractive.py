@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Sequence
 
 from .answers import AnswerEvent, ChatLine, Finished, TextDelta, ToolCalled, ToolResult
 from .kb import KnowledgeBase
-from .tools import SEARCH_TOOL_NAME
+from .telemetry import Telemetry
+from .tools import SEARCH_TOOL_NAME, traced_tool_run
 
 _PIECE = re.compile(r"\s*\S+")
 
@@ -16,8 +17,9 @@ _PIECE = re.compile(r"\s*\S+")
 class ExtractiveAnswerer:
     """Searches with the question itself (the same search the model's tool uses)."""
 
-    def __init__(self, kb: KnowledgeBase, *, top_k: int = 3) -> None:
+    def __init__(self, kb: KnowledgeBase, telemetry: Telemetry, *, top_k: int = 3) -> None:
         self._kb = kb
+        self._telemetry = telemetry
         self._top_k = top_k
 
     @property
@@ -29,9 +31,13 @@ class ExtractiveAnswerer:
 
     async def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]:
         question = conversation[-1].content if conversation else ""
-        yield ToolCalled("search-1", SEARCH_TOOL_NAME, json.dumps({"query": question}))
-        hits = await self._kb.search(question, limit=self._top_k)
-        yield ToolResult("search-1", [hit.source for hit in hits])
+        arguments = json.dumps({"query": question})
+        yield ToolCalled("search-1", SEARCH_TOOL_NAME, arguments)
+        outcome = await traced_tool_run(
+            self._telemetry, self._kb, "search-1", SEARCH_TOOL_NAME, arguments, limit=self._top_k
+        )
+        yield ToolResult("search-1", outcome.sources)
+        hits = outcome.hits
         if not hits:
             text = (
                 "I found nothing in the knowledge base about that. "

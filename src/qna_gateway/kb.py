@@ -58,16 +58,15 @@ def _split_long(paragraph: str, limit: int) -> list[str]:
     pieces: list[str] = []
     current = ""
     for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+        if current and len(current) + 1 + len(sentence) > limit:
+            pieces.append(current)
+            current = ""
         while len(sentence) > limit:
             cut = sentence.rfind(" ", 0, limit)
             cut = cut if cut > limit // 2 else limit
-            pieces.append((current + " " + sentence[:cut]).strip() if current else sentence[:cut])
-            current, sentence = "", sentence[cut:].strip()
-        if current and len(current) + 1 + len(sentence) > limit:
-            pieces.append(current)
-            current = sentence
-        else:
-            current = f"{current} {sentence}".strip()
+            pieces.append(sentence[:cut].strip())
+            sentence = sentence[cut:].strip()
+        current = f"{current} {sentence}" if current else sentence
     if current:
         pieces.append(current)
     return pieces
@@ -88,7 +87,7 @@ def chunk_document(
     """The document's title and its chunks: one section (heading) at a time, paragraphs packed
     up to `max_chars`, each chunk after the first in a section starting with the tail of the
     previous one so a fact cut at a boundary is still found whole."""
-    plain = name.endswith(".txt")
+    plain = name.lower().endswith(".txt")
     lines = text.replace("\r\n", "\n").strip().split("\n")
     title = Path(name).stem.replace("-", " ").title()
     if lines and lines[0].strip():
@@ -106,6 +105,9 @@ def chunk_document(
         heading = _heading_of(line, plain_text=plain)
         if heading is not None:
             end_paragraph()
+            if sections[-1][0] and not sections[-1][1]:
+                # A heading with no text of its own leads the one under it: keep its words.
+                heading = f"{sections.pop()[0]} > {heading}"
             sections.append((heading, []))
         elif not line.strip():
             end_paragraph()
@@ -119,24 +121,31 @@ def chunk_document(
     end_paragraph()
 
     chunks: list[Chunk] = []
-    body_limit = max(max_chars - overlap, max_chars // 2)
+    overlap = min(overlap, max_chars // 2)
+    # Room for the previous chunk's tail and the " … " that joins it.
+    body_limit = max_chars - overlap - len(_JOIN)
     for heading, paragraphs in sections:
         current = ""
         previous = ""
         for para in paragraphs:
             for piece in _split_long(para, body_limit) if len(para) > body_limit else [para]:
                 if current and len(current) + 1 + len(piece) > body_limit:
-                    chunks.append(Chunk(heading, _with_overlap(previous, current)))
+                    chunks.append(Chunk(heading, _with_overlap(previous, current, overlap)))
                     previous, current = current, piece
                 else:
                     current = f"{current}\n{piece}" if current else piece
         if current:
-            chunks.append(Chunk(heading, _with_overlap(previous, current)))
+            chunks.append(Chunk(heading, _with_overlap(previous, current, overlap)))
+        elif heading and not paragraphs:
+            chunks.append(Chunk(heading, heading))  # a last heading alone still counts
     return title, chunks
 
 
-def _with_overlap(previous: str, current: str) -> str:
-    return f"{_tail(previous, OVERLAP_CHARS)} … {current}" if previous else current
+_JOIN = " … "
+
+
+def _with_overlap(previous: str, current: str, overlap: int) -> str:
+    return f"{_tail(previous, overlap)}{_JOIN}{current}" if previous and overlap else current
 
 
 # -- reading the folder ------------------------------------------------------------------------
@@ -157,9 +166,17 @@ def read_documents(folder: Path, *, max_bytes: int = MAX_DOCUMENT_BYTES) -> list
         return []
     documents: list[DocumentFile] = []
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in DOCUMENT_SUFFIXES:
+        if not path.is_file():
             continue
-        name = path.relative_to(folder).as_posix()
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            # Hidden files and folders; a Kubernetes ConfigMap mount also keeps a dated copy of
+            # every file in `..2026_…/`, which would load each document twice.
+            continue
+        name = relative.as_posix()
+        if path.suffix.lower() not in DOCUMENT_SUFFIXES:
+            log.warning("skipping knowledge-base file %s: only .md and .txt are read", name)
+            continue
         try:
             size = path.stat().st_size
             if size > max_bytes:
@@ -268,10 +285,12 @@ ORDER BY score DESC, c.document, c.chunk
 LIMIT %(limit)s
 """
 
-# The fallback for near-misses (typos, words stemming cannot relate): trigram similarity.
+# The fallback for near-misses (typos, words stemming cannot relate): trigram similarity,
+# with a document whose title is the near-miss first.
 _TRIGRAM = """
 SELECT c.document, c.chunk, c.title, c.heading, c.content,
-       word_similarity(%(raw)s, c.title || ' ' || c.heading || ' ' || c.content) AS score,
+       word_similarity(%(raw)s, c.title || ' ' || c.heading || ' ' || c.content)
+           + 0.5 * word_similarity(%(raw)s, c.title) AS score,
        left(c.content, %(snippet)s) AS snippet
 FROM kb_chunks c
 WHERE %(raw)s <%% (c.title || ' ' || c.heading || ' ' || c.content)

@@ -18,6 +18,8 @@ from .settings import Settings
 from .store.embedded import EmbeddedPostgres
 from .store.migrations import apply_migrations
 from .store.pool import Pool, make_pool
+from .store.tracing import traced_cursor_class
+from .telemetry import Telemetry
 from .turn_manager import TurnManager
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class Services:
     kb: KnowledgeBase
     answerer: Answerer
     manager: TurnManager
+    telemetry: Telemetry
 
 
 async def resolve_database(
@@ -49,7 +52,7 @@ async def resolve_database(
 
 @contextlib.asynccontextmanager
 async def running_services(
-    settings: Settings, *, answerer: Answerer | None = None
+    settings: Settings, telemetry: Telemetry, *, answerer: Answerer | None = None
 ) -> AsyncIterator[Services]:
     """Everything in start-up order; torn down in reverse, after the drain."""
     conninfo, embedded = await resolve_database(settings, None)
@@ -62,12 +65,14 @@ async def running_services(
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
             timeout=settings.db_pool_timeout_seconds,
+            cursor_factory=traced_cursor_class(telemetry.tracer) if telemetry.tracing else None,
         )
+        telemetry.metrics.watch_pool(pool.get_stats)
         await pool.open(wait=True, timeout=max(settings.db_pool_timeout_seconds, 10))
         try:
-            kb = KnowledgeBase(pool)
+            kb = KnowledgeBase(pool, on_search=telemetry.metrics.kb_searches.inc)
             await kb.sync(settings.kb_dir)
-            answerer = answerer or make_answerer(settings, kb)
+            answerer = answerer or make_answerer(settings, kb, telemetry)
             if settings.llm_configured:
                 log.info(
                     "LLM: model %s at %s", settings.model, settings.openai_base_url or "OpenAI"
@@ -79,12 +84,21 @@ async def running_services(
                     settings.kb_dir,
                 )
             manager = TurnManager(
-                settings=settings, pool=pool, answerer=answerer, conninfo=conninfo
+                settings=settings,
+                pool=pool,
+                answerer=answerer,
+                conninfo=conninfo,
+                telemetry=telemetry,
             )
             await manager.start()
             try:
                 yield Services(
-                    settings=settings, pool=pool, kb=kb, answerer=answerer, manager=manager
+                    settings=settings,
+                    pool=pool,
+                    kb=kb,
+                    answerer=answerer,
+                    manager=manager,
+                    telemetry=telemetry,
                 )
             finally:
                 if not manager.draining.is_set():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import openai
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .answers import (
     Answerer,
@@ -24,7 +28,8 @@ from .extractive import ExtractiveAnswerer
 from .kb import KnowledgeBase
 from .schemas import Usage
 from .settings import Settings
-from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, run_tool
+from .telemetry import GenAI, Telemetry
+from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
 
 PREFETCH_NOTE = (
     "Passages from the knowledge base that may answer the question (cite their documents):\n"
@@ -46,6 +51,8 @@ class _Round:
     calls: dict[int, _PartialCall] = field(default_factory=dict)
     finish_reason: str | None = None
     usage: Usage | None = None
+    model: str | None = None
+    first_chunk_at: float | None = None
 
 
 class OpenAIAnswerer:
@@ -58,10 +65,12 @@ class OpenAIAnswerer:
     given to it in the prompt (for models without tool support).
     """
 
-    def __init__(self, settings: Settings, kb: KnowledgeBase) -> None:
+    def __init__(self, settings: Settings, kb: KnowledgeBase, telemetry: Telemetry) -> None:
         key = settings.openai_api_key.reveal() if settings.openai_api_key else "not-needed"
         self._settings = settings
         self._kb = kb
+        self._telemetry = telemetry
+        self._provider = provider_name(settings.openai_base_url)
         self._client = openai.AsyncOpenAI(
             api_key=key,
             base_url=settings.openai_base_url,
@@ -126,8 +135,13 @@ class OpenAIAnswerer:
             for call in calls:
                 arguments = "".join(call.arguments)
                 yield ToolCalled(call.call_id, call.name, arguments)
-                outcome = await run_tool(
-                    self._kb, call.name, arguments, limit=self._settings.kb_top_k
+                outcome = await traced_tool_run(
+                    self._telemetry,
+                    self._kb,
+                    call.call_id,
+                    call.name,
+                    arguments,
+                    limit=self._settings.kb_top_k,
                 )
                 yield ToolResult(call.call_id, outcome.sources, outcome.error)
                 messages.append(
@@ -136,6 +150,57 @@ class OpenAIAnswerer:
         raise AnswerError("The model kept calling tools and never answered.")
 
     async def _one_round(
+        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round
+    ) -> AsyncIterator[AnswerEvent]:
+        """One chat-completions call, in a CLIENT span with the GenAI attributes.
+
+        The span is started, not made current: this generator yields to its consumer, and a
+        context attached across a yield would leak into it.
+        """
+        model = self._settings.model
+        span = self._telemetry.tracer.start_span(
+            f"chat {model}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                GenAI.OPERATION: "chat",
+                GenAI.PROVIDER: self._provider,
+                GenAI.REQUEST_MODEL: model,
+            },
+        )
+        started = time.monotonic()
+        failure: str | None = None
+        try:
+            async for event in self._stream_round(messages, offer_tool, result):
+                yield event
+        except AnswerError as exc:
+            failure = exc.kind
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            failure = "cancelled"
+            raise
+        finally:
+            elapsed = time.monotonic() - started
+            if result.model:
+                span.set_attribute(GenAI.RESPONSE_MODEL, result.model)
+            if result.usage is not None:
+                span.set_attribute(GenAI.INPUT_TOKENS, result.usage.input_tokens)
+                span.set_attribute(GenAI.OUTPUT_TOKENS, result.usage.output_tokens)
+            if result.finish_reason:
+                span.set_attribute(GenAI.FINISH_REASONS, [result.finish_reason])
+            if result.first_chunk_at is not None:
+                span.set_attribute(GenAI.TIME_TO_FIRST_CHUNK, result.first_chunk_at - started)
+            if failure is not None:
+                span.set_attribute(GenAI.ERROR_TYPE, failure)
+                span.set_status(Status(StatusCode.ERROR, failure))
+            metrics = self._telemetry.metrics
+            metrics.llm_calls.labels("error" if failure else "success").inc()
+            trace_id = span.get_span_context().trace_id
+            metrics.llm_duration.observe(
+                elapsed, {"trace_id": f"{trace_id:032x}"} if trace_id else None
+            )
+            span.end()
+
+    async def _stream_round(
         self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round
     ) -> AsyncIterator[AnswerEvent]:
         tools_mode = self._settings.kb_mode == "tools"
@@ -152,6 +217,9 @@ class OpenAIAnswerer:
             )
             async with stream:
                 async for chunk in stream:
+                    if result.first_chunk_at is None:
+                        result.first_chunk_at = time.monotonic()
+                    result.model = result.model or chunk.model
                     if chunk.usage is not None:
                         result.usage = Usage(
                             input_tokens=chunk.usage.prompt_tokens,
@@ -174,18 +242,27 @@ class OpenAIAnswerer:
                         if choice.finish_reason is not None:
                             result.finish_reason = choice.finish_reason
         except openai.APITimeoutError:
-            raise AnswerError("The LLM did not answer in time.", timeout=True) from None
+            raise AnswerError(
+                "The LLM did not answer in time.", timeout=True, kind="timeout"
+            ) from None
         except openai.APIStatusError as exc:
             raise AnswerError(
-                f"The LLM answered HTTP {exc.status_code}: {_short(exc.message)}"
+                f"The LLM answered HTTP {exc.status_code}: {_short(exc.message)}",
+                kind=str(exc.status_code),
             ) from None
         except openai.APIConnectionError as exc:
-            raise AnswerError(f"The connection to the LLM failed: {_short(str(exc))}") from None
+            raise AnswerError(
+                f"The connection to the LLM failed: {_short(str(exc))}", kind="connection"
+            ) from None
         except openai.APIError as exc:
-            raise AnswerError(f"The LLM's stream broke: {_short(str(exc))}") from None
+            raise AnswerError(
+                f"The LLM's stream broke: {_short(str(exc))}", kind=type(exc).__name__
+            ) from None
         except ValueError as exc:
             # The openai client lets a malformed chunk's JSONDecodeError through as it is.
-            raise AnswerError(f"The LLM sent a malformed chunk: {_short(str(exc))}") from None
+            raise AnswerError(
+                f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
+            ) from None
         for index, call in result.calls.items():
             call.call_id = call.call_id or f"call_{index}"
 
@@ -194,7 +271,17 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def make_answerer(settings: Settings, kb: KnowledgeBase) -> Answerer:
+def provider_name(base_url: str | None) -> str:
+    """gen_ai.provider.name from the endpoint: well-known hosts by name, else "openai"
+    (the protocol spoken)."""
+    host = urlsplit(base_url).hostname or "" if base_url else "api.openai.com"
+    for marker, name in (("openrouter", "openrouter"), ("azure", "azure.ai.openai")):
+        if marker in host:
+            return name
+    return "openai"
+
+
+def make_answerer(settings: Settings, kb: KnowledgeBase, telemetry: Telemetry) -> Answerer:
     if settings.llm_configured:
-        return OpenAIAnswerer(settings, kb)
-    return ExtractiveAnswerer(kb, top_k=settings.kb_top_k)
+        return OpenAIAnswerer(settings, kb, telemetry)
+    return ExtractiveAnswerer(kb, telemetry, top_k=min(settings.kb_top_k, 3))

@@ -146,10 +146,23 @@ async def answer_events(
     event without an id.
     """
     hint = f"retry: {manager.settings.sse_retry_ms}\n".encode()
+    metrics = manager.telemetry.metrics
+    metrics.open_streams.inc()
+    if position is not None:
+        metrics.resumes.inc()
     first = True
-    async for chunk in _events(manager, message, position, user_message):
-        yield hint + chunk if first else chunk
-        first = False
+    last = b""
+    try:
+        async for chunk in _events(manager, message, position, user_message):
+            yield hint + chunk if first else chunk
+            first = False
+            last = chunk
+    finally:
+        metrics.open_streams.dec()
+        if last.startswith(b"id: ") and b"\nevent: reconnect\n" in last:
+            metrics.disconnects.labels("reconnect").inc()
+        elif b".end\nevent: message." not in last:
+            metrics.disconnects.labels("client").inc()
 
 
 async def _events(

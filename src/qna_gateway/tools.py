@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from opentelemetry import trace
 
 from .kb import Hit, KnowledgeBase
 from .schemas import Source
+from .telemetry import GenAI, Telemetry
 
 SEARCH_TOOL_NAME = "search_knowledge_base"
 MAX_PASSAGE_CHARS = 1_500
@@ -43,6 +46,7 @@ class ToolOutcome:
     content: str
     sources: list[Source]
     error: str | None = None
+    hits: list[Hit] = field(default_factory=list)
 
 
 def passages_for_model(hits: list[Hit]) -> str:
@@ -86,4 +90,30 @@ async def run_tool(kb: KnowledgeBase, name: str, arguments: str, *, limit: int) 
     except ValueError as exc:
         return ToolOutcome(json.dumps({"error": str(exc)}), [], str(exc))
     hits = await kb.search(query, limit=limit)
-    return ToolOutcome(passages_for_model(hits), [hit.source for hit in hits])
+    return ToolOutcome(passages_for_model(hits), [hit.source for hit in hits], hits=hits)
+
+
+async def traced_tool_run(
+    telemetry: Telemetry,
+    kb: KnowledgeBase,
+    call_id: str,
+    name: str,
+    arguments: str,
+    *,
+    limit: int,
+) -> ToolOutcome:
+    """`run_tool` in an `execute_tool` span; its DB statements are the span's children."""
+    with telemetry.tracer.start_as_current_span(
+        f"execute_tool {name}",
+        attributes={
+            GenAI.OPERATION: "execute_tool",
+            GenAI.TOOL_NAME: name,
+            GenAI.TOOL_CALL_ID: call_id,
+        },
+    ) as span:
+        outcome = await run_tool(kb, name, arguments, limit=limit)
+        span.set_attribute("qna.kb.results", len(outcome.sources))
+        if outcome.error is not None:
+            span.set_attribute(GenAI.ERROR_TYPE, "invalid_arguments")
+            span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.error))
+        return outcome

@@ -17,6 +17,7 @@ from .schemas import Message
 from .settings import Settings
 from .store import messages as store
 from .store.pool import Pool
+from .telemetry import Telemetry
 from .turns import DB_ERRORS, Turn, TurnConfig
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,15 @@ class TurnManager:
     """Owns every turn running in this process, and this process's row in gateway_instances."""
 
     def __init__(
-        self, *, settings: Settings, pool: Pool, answerer: Answerer, conninfo: str
+        self,
+        *,
+        settings: Settings,
+        pool: Pool,
+        answerer: Answerer,
+        conninfo: str,
+        telemetry: Telemetry,
     ) -> None:
+        self.telemetry = telemetry
         self.instance_id = uuid4()
         self.settings = settings
         self.pool = pool
@@ -135,6 +143,8 @@ class TurnManager:
                 before_seq=seq,
                 budget_chars=self.settings.history_budget_chars,
             )
+        self.telemetry.metrics.messages.labels("user").inc()
+        self.telemetry.metrics.messages.labels("assistant").inc()
         conversation = [ChatLine("system", self.settings.system_prompt)]
         conversation += [
             ChatLine("assistant" if role == "assistant" else "user", text) for role, text in history
@@ -146,6 +156,7 @@ class TurnManager:
             answerer=self.answerer,
             pool=self.pool,
             config=self._config,
+            telemetry=self.telemetry,
             on_done=self._forget,
         )
         self._turns[answer.id] = turn

@@ -19,6 +19,7 @@ from uuid import UUID
 
 import msgspec
 import psycopg
+from opentelemetry.trace import Status, StatusCode
 from psycopg_pool import PoolTimeout
 
 from .answers import (
@@ -44,6 +45,7 @@ from .events import (
 from .schemas import Message, Source, Usage
 from .store import messages as store
 from .store.pool import Pool
+from .telemetry import GenAI, Telemetry, chat_id_var, exemplar_of_current_span
 from .tools import SEARCH_TOOL_NAME, search_query_of
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class Turn:
         answerer: Answerer,
         pool: Pool,
         config: TurnConfig,
+        telemetry: Telemetry,
         on_done: Callable[[Turn], None],
     ) -> None:
         self.message = message
@@ -80,6 +83,10 @@ class Turn:
         self._pool = pool
         self._config = config
         self._on_done = on_done
+        self._telemetry = telemetry
+        self._metrics = telemetry.metrics
+        self._started = 0.0
+        self._first_text_at: float | None = None
 
         self._parts: list[str] = []
         self._joined = ""
@@ -191,6 +198,25 @@ class Turn:
                 self._consumer.cancel()
 
     async def run(self) -> None:
+        """The whole answer, in one span that is a child of the request that asked."""
+        chat_id_var.set(str(self.message.chat_id))  # this task's own context: its log lines
+        with self._telemetry.tracer.start_as_current_span(
+            "answer",
+            attributes={
+                "qna.message.id": str(self.id),
+                "qna.chat.id": str(self.message.chat_id),
+                GenAI.REQUEST_MODEL: self._answerer.model,
+            },
+        ) as span:
+            await self._run()
+            assert self.final is not None
+            span.set_attribute("qna.message.status", self.final.status)
+            span.set_attribute("qna.message.chars", len(self.final.content))
+            if self.final.status == "failed":
+                span.set_status(Status(StatusCode.ERROR, self.final.error or "failed"))
+
+    async def _run(self) -> None:
+        self._started = time.monotonic()
         if not self._subscribers:
             self._arm_orphan_timer()
         flusher = asyncio.create_task(self._flush_loop(), name=f"flush-{self.id}")
@@ -254,6 +280,12 @@ class Turn:
                 self._finish_reason = event.reason
 
     def _append(self, text: str) -> None:
+        if self._first_text_at is None:
+            self._first_text_at = time.monotonic()
+            self._metrics.time_to_first_token.observe(
+                self._first_text_at - self._started, _exemplar()
+            )
+        self._metrics.tokens_relayed.inc()
         start = self._length
         self._parts.append(text)
         self._length += len(text)
@@ -274,6 +306,7 @@ class Turn:
             await self._flush_unlocked()
             with contextlib.suppress(*DB_ERRORS):
                 async with self._pool.connection() as conn:
+                    self._metrics.db_statements.labels("tool_event").inc()
                     await store.append_tool_event(
                         conn,
                         message_id=self.id,
@@ -311,6 +344,7 @@ class Turn:
         self._last_flush = asyncio.get_running_loop().time()
         try:
             async with self._pool.connection() as conn:
+                self._metrics.db_statements.labels("append").inc()
                 ok = await store.append_text(
                     conn,
                     message_id=self.id,
@@ -319,6 +353,7 @@ class Turn:
                     notify=text_notice(self.id, start, batch),
                 )
                 if not ok:
+                    self._metrics.db_statements.labels("rewrite").inc()
                     ok = await store.rewrite_text(
                         conn,
                         message_id=self.id,
@@ -345,6 +380,7 @@ class Turn:
         while True:
             try:
                 async with self._pool.connection() as conn:
+                    self._metrics.db_statements.labels("finish").inc()
                     stored = await store.finish_message(
                         conn,
                         message_id=self.id,
@@ -386,6 +422,7 @@ class Turn:
                 len(text),
             )
         self.final = stored
+        self._metrics.turns.labels(stored.status).inc()
         self._publish(Ended(stored))
         self.done.set()
         self._on_done(self)
@@ -401,3 +438,7 @@ def _call_data(event: ToolCalled) -> dict[str, object]:
         with contextlib.suppress(ValueError):
             data["query"] = search_query_of(event.arguments)
     return data
+
+
+def _exemplar() -> dict[str, str] | None:
+    return exemplar_of_current_span()

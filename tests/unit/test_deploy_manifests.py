@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
@@ -681,6 +682,27 @@ def test_the_configmap_configures_the_gateway_for_a_container(
     assert all(Path(name).suffix in {".md", ".txt"} for name in documents)
 
 
+def test_every_setting_in_the_configmap_is_one_the_code_reads(rendering: Rendering) -> None:
+    """A misspelt variable would be ignored without a word; catch it here."""
+    source = "\n".join(
+        path.read_text(encoding="utf-8") for path in (ROOT / "src" / "qna_gateway").rglob("*.py")
+    )
+    config = rendering.named("ConfigMap", "qna-gateway-config")
+    for key in as_map(config["data"], "data"):
+        assert f'"{key}"' in source, f"{key} is read nowhere in src/qna_gateway"
+
+
+def test_traces_go_where_the_network_policy_lets_them(rendering: Rendering) -> None:
+    data = as_map(rendering.named("ConfigMap", "qna-gateway-config")["data"], "data")
+    endpoint = urlsplit(str(data["OTEL_EXPORTER_OTLP_ENDPOINT"]))
+    protocol = str(data.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"))
+    # OTLP's well-known ports: 4317 for gRPC, 4318 for HTTP.
+    assert endpoint.port == {"grpc": 4317, "http/protobuf": 4318}[protocol]
+    policy = rendering.one("NetworkPolicy")
+    allowed = {port["port"] for rule in dig(policy, "spec.egress") for port in rule["ports"]}
+    assert endpoint.port in allowed
+
+
 def test_secrets_come_from_one_secret_as_files(rendering: Rendering) -> None:
     secret_name = name_of(secret_example())
     keys = set(secret_example()["stringData"])
@@ -811,6 +833,16 @@ def test_the_migration_job_migrates_and_cleans_up(rendering: Rendering) -> None:
 
 
 def test_labels_are_consistent(rendering: Rendering) -> None:
+    server = template_labels(rendering.one("Deployment"))["app.kubernetes.io/component"]
+    for kind in (
+        "Deployment",
+        "Service",
+        "Ingress",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+    ):
+        labels = as_map(dig(rendering.one(kind), "metadata.labels"), kind)
+        assert labels.get("app.kubernetes.io/component") == server, kind
     for obj in rendering.objects:
         labels = as_map(dig(obj, "metadata.labels"), f"{obj['kind']} labels")
         assert labels.get("app.kubernetes.io/part-of") == APP, obj["kind"]

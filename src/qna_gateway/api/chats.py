@@ -28,9 +28,11 @@ class ChatController(Controller):
     ) -> Chat:
         """Create a chat."""
         async with services.pool.connection() as conn:
-            return await store.create_chat(
+            chat = await store.create_chat(
                 conn, principal=principal, title=data.title, metadata=data.metadata or {}
             )
+        services.telemetry.metrics.chat_sessions.inc()
+        return chat
 
     @get("/")
     async def list_chats(

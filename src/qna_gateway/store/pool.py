@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from psycopg import AsyncConnection
+from typing import Any
+
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg_pool import AsyncConnectionPool
 
 Pool = AsyncConnectionPool[AsyncConnection]
 
 
-def make_pool(conninfo: str, *, min_size: int, max_size: int, timeout: float) -> Pool:
+def make_pool(
+    conninfo: str,
+    *,
+    min_size: int,
+    max_size: int,
+    timeout: float,
+    cursor_factory: type[AsyncCursor[Any]] | None = None,
+) -> Pool:
     """A closed pool; the caller opens it (so nothing connects at construction)."""
     return AsyncConnectionPool(
         conninfo,
@@ -17,6 +26,7 @@ def make_pool(conninfo: str, *, min_size: int, max_size: int, timeout: float) ->
         timeout=timeout,
         open=False,
         name="qna-gateway",
+        kwargs={"cursor_factory": cursor_factory} if cursor_factory else None,
         # A dead connection is dropped when it is handed out, not when a query fails on it.
         check=AsyncConnectionPool.check_connection,
     )

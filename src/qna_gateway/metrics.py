@@ -1,0 +1,162 @@
+"""Prometheus metrics: the names DESIGN.md lists, on a registry the app owns."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
+from prometheus_client.registry import Collector
+
+# LLM latencies span tens of milliseconds (first token from a local model) to minutes (long
+# answers); HTTP latencies of streaming endpoints are as long as the answer.
+LLM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 4, 8, 15)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Every metric the gateway exports. One instance per app (tests build their own)."""
+
+    registry: CollectorRegistry
+    http_requests: Counter
+    http_duration: Histogram
+    chat_sessions: Counter
+    messages: Counter
+    llm_calls: Counter
+    llm_duration: Histogram
+    kb_searches: Counter
+    open_streams: Gauge
+    time_to_first_token: Histogram
+    tokens_relayed: Counter
+    resumes: Counter
+    disconnects: Counter
+    turns: Counter
+    db_statements: Counter
+
+    def watch_pool(self, get_stats: Callable[[], Mapping[str, int]]) -> None:
+        self.registry.register(_PoolCollector(get_stats))
+
+    def render(self, *, openmetrics: bool) -> tuple[bytes, str]:
+        """The exposition and its content type; OpenMetrics carries the exemplars."""
+        registry = self.registry
+        if os.environ.get(MULTIPROC_ENV):
+            # Several worker processes: each writes its own files; one scrape adds them up.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if openmetrics:
+            return (
+                openmetrics_exposition.generate_latest(registry),  # type: ignore[no-untyped-call]
+                openmetrics_exposition.CONTENT_TYPE_LATEST,
+            )
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
+    registry = registry or CollectorRegistry(auto_describe=True)
+    return Metrics(
+        registry=registry,
+        http_requests=Counter(
+            "http_requests_total",
+            "HTTP requests by method, route template and status code.",
+            ["method", "endpoint", "status"],
+            registry=registry,
+        ),
+        http_duration=Histogram(
+            "http_request_duration_seconds",
+            "HTTP request duration by method and route template (streams: until they end).",
+            ["method", "endpoint"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        ),
+        chat_sessions=Counter("chat_sessions_total", "Chats created.", registry=registry),
+        messages=Counter(
+            "messages_total", "Messages stored, by role.", ["role"], registry=registry
+        ),
+        llm_calls=Counter(
+            "llm_calls_total",
+            "Calls to the LLM (or the extractive answerer), by outcome: success or error.",
+            ["status"],
+            registry=registry,
+        ),
+        llm_duration=Histogram(
+            "llm_call_duration_seconds",
+            "Duration of one LLM call, from request to the last chunk.",
+            buckets=LLM_BUCKETS,
+            registry=registry,
+        ),
+        kb_searches=Counter(
+            "knowledge_base_searches_total", "Knowledge-base searches.", registry=registry
+        ),
+        open_streams=Gauge(
+            "sse_open_streams",
+            "SSE responses open now.",
+            registry=registry,
+            multiprocess_mode="livesum",  # live streams add up across workers
+        ),
+        time_to_first_token=Histogram(
+            "llm_time_to_first_token_seconds",
+            "From the start of an answer to its first text.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        ),
+        tokens_relayed=Counter(
+            "llm_tokens_relayed_total",
+            "Text pieces (deltas) received from the answerer and relayed to subscribers.",
+            registry=registry,
+        ),
+        resumes=Counter(
+            "sse_resumes_total",
+            "Streams opened with a Last-Event-ID (reconnections).",
+            registry=registry,
+        ),
+        disconnects=Counter(
+            "sse_disconnects_total",
+            "Streams that ended before their terminal event, by reason.",
+            ["reason"],
+            registry=registry,
+        ),
+        turns=Counter(
+            "turns_total", "Answers ended, by final status.", ["status"], registry=registry
+        ),
+        db_statements=Counter(
+            "db_statements_total",
+            "Statements sent to PostgreSQL by the turn writer, by kind.",
+            ["kind"],
+            registry=registry,
+        ),
+    )
+
+
+class _PoolCollector(Collector):
+    """The psycopg pool's own statistics, read at scrape time."""
+
+    def __init__(self, get_stats: Callable[[], Mapping[str, int]]) -> None:
+        self._get_stats = get_stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._get_stats()
+        family = GaugeMetricFamily(
+            "db_pool_connections",
+            "Connection pool: open connections (size), idle ones, requests waiting, the maximum.",
+            labels=["state"],
+        )
+        family.add_metric(["size"], stats.get("pool_size", 0))
+        family.add_metric(["idle"], stats.get("pool_available", 0))
+        family.add_metric(["waiting"], stats.get("requests_waiting", 0))
+        family.add_metric(["max"], stats.get("pool_max", 0))
+        yield family
