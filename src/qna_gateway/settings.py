@@ -87,6 +87,8 @@ class Settings:
     # Logs.
     log_format: LogFormat | None = None
     log_level: str = "INFO"
+    # Questions and answers are personal data: they reach the logs only when asked for.
+    log_content: bool = False
 
     @property
     def llm_configured(self) -> bool:
@@ -210,6 +212,15 @@ def _kb_mode(value: str) -> KbMode:
     raise ValueError(value)
 
 
+def _boolean(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(value)
+
+
 def _log_level(value: str) -> str:
     level = value.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -293,4 +304,7 @@ def _read(env: _Env) -> Settings:
         ),
         log_format=env.get("QNA_LOG_FORMAT", _log_format, None, what="json or console"),
         log_level=env.get("QNA_LOG_LEVEL", _log_level, defaults.log_level, what="a log level"),
+        log_content=env.get(
+            "QNA_LOG_CONTENT", _boolean, defaults.log_content, what="true or false"
+        ),
     )

@@ -211,6 +211,19 @@ async def _tail_remote(
     manager: TurnManager, message: Message, cursor: _Cursor
 ) -> AsyncIterator[bytes]:
     """Follow an answer that another process generates, through NOTIFY and the table."""
+    if manager.draining.is_set():
+        # Draining: this process will not be here to follow it; send the client elsewhere
+        # (after what it can have now: the stored text may already end the answer).
+        async with manager.pool.connection() as conn:
+            stored = await store.read_answer(conn, message_id=message.id)
+        if stored is not None:
+            for chunk in cursor.catch_up(stored[0].content, tool_records(stored[1])):
+                yield chunk
+            if stored[0].is_terminal:
+                yield cursor.terminal(stored[0])
+                return
+        yield cursor.reconnect()
+        return
     queue = manager.hub.subscribe(message.id)
     settings = manager.settings
     # Re-read now and then even without notices: covers a lost notice and an owner that died.

@@ -9,6 +9,8 @@ import os
 import socket
 from uuid import UUID, uuid4
 
+import psutil
+
 from .answers import Answerer, ChatLine
 from .errors import Conflict, Unavailable
 from .events import Ended, Reconnect, Resync, cancel_notice, end_notice
@@ -53,6 +55,7 @@ class TurnManager:
             batch_interval=settings.batch_interval_ms / 1000,
             batch_max_chars=settings.batch_max_chars,
             orphan_seconds=settings.orphan_seconds,
+            log_content=settings.log_content,
         )
         self.draining = asyncio.Event()
 
@@ -95,12 +98,23 @@ class TurnManager:
                 log.warning("heartbeat failed: %s", exc)
 
     async def recover_abandoned(self) -> int:
-        """End `interrupted` (`crash`) the answers whose owning process is gone."""
+        """End `interrupted` (`crash`) the answers whose owning process is gone.
+
+        Gone means a heartbeat older than INSTANCE_TTL_SECONDS, or, on this host, a process id
+        that is no longer running (or is this process, which is new): a restart on the same
+        machine or pod recovers at once instead of after the TTL.
+        """
         async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, pid, extract(epoch FROM started_at) FROM gateway_instances"
+                " WHERE hostname = %s AND id <> %s",
+                (socket.gethostname(), self.instance_id),
+            )
+            dead = [row[0] for row in await cur.fetchall() if not _running(row[1], row[2])]
             await conn.execute(
                 "DELETE FROM gateway_instances"
-                " WHERE heartbeat_at < now() - make_interval(secs => %s)",
-                (INSTANCE_TTL_SECONDS * 3,),
+                " WHERE heartbeat_at < now() - make_interval(secs => %s) OR id = ANY(%s)",
+                (INSTANCE_TTL_SECONDS * 3, dead),
             )
             cur = await conn.execute(
                 "UPDATE messages SET status = 'interrupted', finish_reason = 'crash',"
@@ -143,6 +157,8 @@ class TurnManager:
                 before_seq=seq,
                 budget_chars=self.settings.history_budget_chars,
             )
+        if self.settings.log_content:
+            log.info("question %s: %s", question.id, content, extra={"content": content})
         self.telemetry.metrics.messages.labels("user").inc()
         self.telemetry.metrics.messages.labels("assistant").inc()
         conversation = [ChatLine("system", self.settings.system_prompt)]
@@ -245,3 +261,16 @@ class TurnManager:
             turn.stop("interrupted", "shutdown")
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._config.final_write_seconds)
+
+
+def _running(pid: int, started_at: float) -> bool:
+    """Whether the process that registered with this id (and start time) still runs here."""
+    try:
+        process = psutil.Process(pid)
+        # A process id is reused (a restarted container's pid 1 is always 1): the process
+        # must have been running before the row was written.
+        return process.create_time() <= float(started_at) + 1
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # it exists, under another user
+        return True

@@ -61,6 +61,7 @@ class TurnConfig:
     batch_max_chars: int
     orphan_seconds: float
     final_write_seconds: float = 30.0
+    log_content: bool = False
 
 
 class Turn:
@@ -413,6 +414,8 @@ class Turn:
                 usage=self._usage,
                 sources=self._sources,
             )
+        if self._config.log_content:
+            log.info("answer %s text: %s", self.id, text, extra={"content": text})
         if written:
             log.info(
                 "answer %s ended %s (%s), %d chars",

@@ -99,6 +99,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("QNA_MAX_BODY_BYTES", "1048576", "max_body_bytes", 1_048_576),
     ("QNA_KB_DIR", "/srv/kb", "kb_dir", Path("/srv/kb")),
     ("QNA_KB_MODE", "prefetch", "kb_mode", "prefetch"),
+    ("QNA_LOG_CONTENT", "true", "log_content", True),
     ("QNA_KB_MAX_ROUNDS", "5", "kb_max_rounds", 5),
     ("QNA_KB_TOP_K", "6", "kb_top_k", 6),
     ("QNA_BATCH_INTERVAL_MS", "50", "batch_interval_ms", 50),
