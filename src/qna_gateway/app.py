@@ -20,8 +20,11 @@ from .api.chats import ChatController
 from .api.deps import provide_admin, provide_principal, provide_services
 from .api.health import health, ready
 from .api.messages import MessageController
+from .api.page import asset, page
+from .auth import Authenticator
 from .errors import exception_handlers
 from .lifecycle import Lifecycle, running_services
+from .limits import RateLimiter
 from .middleware import ObservabilityMiddleware
 from .settings import Settings
 from .telemetry import Telemetry, create_telemetry
@@ -69,6 +72,8 @@ def create_app(
             ChatController,
             MessageController,
             AdminController,
+            page,
+            asset,
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
@@ -89,6 +94,8 @@ def create_app(
     app.state.lifecycle = lifecycle
     app.state.settings = settings
     app.state.telemetry = telemetry
+    app.state.auth = Authenticator.from_settings(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     # Outside the exception handling and routing: sees every request and its final status.
     app.asgi_handler = cast(ASGIApp, ObservabilityMiddleware(app.asgi_handler, telemetry))
     return app

@@ -13,6 +13,7 @@ import uvicorn
 
 from . import __version__
 from .app import create_app
+from .auth import Authenticator, is_loopback
 from .lifecycle import GatewayServer, Lifecycle, resolve_database
 from .logs import configure_logging
 from .settings import Settings, SettingsError
@@ -92,6 +93,17 @@ async def _kb_sync(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    auth = Authenticator.from_settings(settings)
+    if not auth.enabled and not is_loopback(settings.host) and settings.auth != "disabled":
+        print(
+            f"qna-gateway: refusing to serve on {settings.host} without authentication: set "
+            "QNA_API_KEYS (or QNA_JWT_SECRET / QNA_JWT_JWKS_URL), or QNA_AUTH=disabled if "
+            "something in front of the gateway authenticates.",
+            file=sys.stderr,
+        )
+        return 2
+    if not auth.enabled:
+        log.warning("authentication is off: every caller is the one principal 'anonymous'")
     lifecycle = Lifecycle()
     app = create_app(settings, lifecycle=lifecycle)
     config = uvicorn.Config(
@@ -102,6 +114,8 @@ def _serve(settings: Settings) -> int:
         access_log=False,
         lifespan="on",
         timeout_keep_alive=5,
+        root_path=settings.root_path,
+        server_header=False,
     )
     server = GatewayServer(config, lifecycle=lifecycle)
     server.run()

@@ -17,6 +17,7 @@ T = TypeVar("T")
 
 LogFormat = Literal["json", "console"]
 KbMode = Literal["tools", "prefetch"]
+AuthMode = Literal["auto", "disabled"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are the customer-support assistant of the company whose knowledge base you can search. "
@@ -84,11 +85,37 @@ class Settings:
     drain_seconds: float = 25.0
     orphan_seconds: float = 60.0
 
+    # Who may ask. Keys are `name:key` pairs; each name is a principal owning its chats.
+    api_keys: Secret | None = None
+    admin_principals: tuple[str, ...] = ()
+    auth: AuthMode = "auto"
+    jwt_secret: Secret | None = None
+    jwt_jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    stream_token_secret: Secret | None = None
+
+    # Limits and backpressure (per process).
+    rate_limit_per_minute: int = 120
+    max_turns_per_principal: int = 4
+    max_turns: int = 256
+    max_streams_per_principal: int = 32
+    max_streams: int = 4096
+    sse_send_timeout_seconds: float = 30.0
+    root_path: str = ""
+
     # Logs.
     log_format: LogFormat | None = None
     log_level: str = "INFO"
     # Questions and answers are personal data: they reach the logs only when asked for.
     log_content: bool = False
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Credentials are configured and not switched off. Without them every caller is the
+        one principal `anonymous`, and per-principal limits do not apply."""
+        has_credentials = bool(self.api_keys or self.jwt_secret or self.jwt_jwks_url)
+        return has_credentials and self.auth != "disabled"
 
     @property
     def llm_configured(self) -> bool:
@@ -212,6 +239,37 @@ def _kb_mode(value: str) -> KbMode:
     raise ValueError(value)
 
 
+def _auth_mode(value: str) -> AuthMode:
+    if value == "auto":
+        return "auto"
+    if value == "disabled":
+        return "disabled"
+    raise ValueError(value)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _api_keys(secret: Secret | None) -> Secret | None:
+    if secret is None:
+        return None
+    for item in secret.reveal().split(","):
+        name, colon, key = item.strip().partition(":")
+        if item.strip() and (not colon or not name.strip() or len(key.strip()) < 16):
+            raise SettingsError(
+                "QNA_API_KEYS must be comma-separated name:key pairs, each key at least 16 "
+                "characters"
+            )
+    return secret
+
+
+def _root_path(value: str) -> str:
+    if not value.startswith("/") or value.endswith("/") or "//" in value:
+        raise ValueError(value)
+    return value
+
+
 def _boolean(value: str) -> bool:
     lowered = value.lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -302,6 +360,38 @@ def _read(env: _Env) -> Settings:
         orphan_seconds=env.number(
             "QNA_ORPHAN_SECONDS", defaults.orphan_seconds, minimum=0.05, maximum=86_400
         ),
+        api_keys=_api_keys(env.secret("QNA_API_KEYS")),
+        admin_principals=env.get("QNA_ADMIN_PRINCIPALS", _names, (), what="names"),
+        auth=env.get("QNA_AUTH", _auth_mode, defaults.auth, what="auto or disabled"),
+        jwt_secret=env.secret("QNA_JWT_SECRET"),
+        jwt_jwks_url=env.get("QNA_JWT_JWKS_URL", _base_url, None, what="an http(s) URL"),
+        jwt_audience=env.raw("QNA_JWT_AUDIENCE"),
+        jwt_issuer=env.raw("QNA_JWT_ISSUER"),
+        stream_token_secret=env.secret("QNA_STREAM_TOKEN_SECRET"),
+        rate_limit_per_minute=env.integer(
+            "QNA_RATE_LIMIT_PER_MINUTE", defaults.rate_limit_per_minute, minimum=0, maximum=10**6
+        ),
+        max_turns_per_principal=env.integer(
+            "QNA_MAX_TURNS_PER_PRINCIPAL",
+            defaults.max_turns_per_principal,
+            minimum=1,
+            maximum=10**5,
+        ),
+        max_turns=env.integer("QNA_MAX_TURNS", defaults.max_turns, minimum=1, maximum=10**6),
+        max_streams_per_principal=env.integer(
+            "QNA_MAX_STREAMS_PER_PRINCIPAL",
+            defaults.max_streams_per_principal,
+            minimum=1,
+            maximum=10**6,
+        ),
+        max_streams=env.integer("QNA_MAX_STREAMS", defaults.max_streams, minimum=1, maximum=10**6),
+        sse_send_timeout_seconds=env.number(
+            "QNA_SSE_SEND_TIMEOUT_SECONDS",
+            defaults.sse_send_timeout_seconds,
+            minimum=0.1,
+            maximum=3600,
+        ),
+        root_path=env.get("QNA_ROOT_PATH", _root_path, "", what="a path like /qna"),
         log_format=env.get("QNA_LOG_FORMAT", _log_format, None, what="json or console"),
         log_level=env.get("QNA_LOG_LEVEL", _log_level, defaults.log_level, what="a log level"),
         log_content=env.get(

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from uuid import UUID, uuid4
 
 import psutil
@@ -14,6 +15,7 @@ import psutil
 from .answers import Answerer, ChatLine
 from .errors import Conflict, Unavailable
 from .events import Ended, Reconnect, Resync, cancel_notice, end_notice
+from .limits import Slots
 from .pubsub import EventHub
 from .schemas import Message
 from .settings import Settings
@@ -58,6 +60,18 @@ class TurnManager:
             log_content=settings.log_content,
         )
         self.draining = asyncio.Event()
+        per_principal = settings.auth_enabled  # else everyone is one principal
+        self.turn_slots = Slots(
+            "answers running",
+            settings.max_turns_per_principal if per_principal else settings.max_turns,
+            settings.max_turns,
+        )
+        self.stream_slots = Slots(
+            "streams",
+            settings.max_streams_per_principal if per_principal else settings.max_streams,
+            settings.max_streams,
+        )
+        self._releases: dict[UUID, Callable[[], None]] = {}
 
     # -- life --------------------------------------------------------------------------------
 
@@ -142,21 +156,15 @@ class TurnManager:
             raise Unavailable(
                 "This gateway is shutting down; retry shortly.", headers={"Retry-After": "2"}
             )
-        async with self.pool.connection() as conn:
-            question, answer, seq = await store.insert_exchange(
-                conn,
-                principal=principal,
-                chat_id=chat_id,
-                content=content,
-                model=self.answerer.model,
-                owner_id=self.instance_id,
+        release = self.turn_slots.acquire(principal)
+        try:
+            question, answer, _, history = await self._store_question(
+                principal=principal, chat_id=chat_id, content=content
             )
-            history = await store.load_history(
-                conn,
-                chat_id=chat_id,
-                before_seq=seq,
-                budget_chars=self.settings.history_budget_chars,
-            )
+        except BaseException:
+            release()
+            raise
+        self._releases[answer.id] = release
         if self.settings.log_content:
             log.info("question %s: %s", question.id, content, extra={"content": content})
         self.telemetry.metrics.messages.labels("user").inc()
@@ -181,11 +189,34 @@ class TurnManager:
         task.add_done_callback(self._tasks.discard)
         return question, answer, turn
 
+    async def _store_question(
+        self, *, principal: str, chat_id: UUID, content: str
+    ) -> tuple[Message, Message, int, list[tuple[str, str]]]:
+        async with self.pool.connection() as conn:
+            question, answer, seq = await store.insert_exchange(
+                conn,
+                principal=principal,
+                chat_id=chat_id,
+                content=content,
+                model=self.answerer.model,
+                owner_id=self.instance_id,
+            )
+            history = await store.load_history(
+                conn,
+                chat_id=chat_id,
+                before_seq=seq,
+                budget_chars=self.settings.history_budget_chars,
+            )
+        return question, answer, seq, history
+
     def local(self, message_id: UUID) -> Turn | None:
         return self._turns.get(message_id)
 
     def _forget(self, turn: Turn) -> None:
         self._turns.pop(turn.id, None)
+        release = self._releases.pop(turn.id, None)
+        if release is not None:
+            release()
 
     @property
     def running(self) -> int:

@@ -8,10 +8,9 @@ from uuid import UUID
 from litestar import Request
 from litestar.di import NamedDependency
 
+from ..auth import Authenticator
 from ..errors import BadRequest, Unavailable
 from ..lifecycle import Lifecycle, Services
-
-ANONYMOUS = "anonymous"
 
 
 def provide_services(request: Request[Any, Any, Any]) -> Services:
@@ -21,14 +20,34 @@ def provide_services(request: Request[Any, Any, Any]) -> Services:
     return lifecycle.services
 
 
-def provide_principal() -> str:
-    # Every chat belongs to a principal; until API keys are configured there is one.
-    return ANONYMOUS
+def provide_principal(request: Request[Any, Any, Any]) -> str:
+    """Who is asking (401 without valid credentials), counted against the rate limit.
+
+    An answer's stream also accepts the `token` its ask returned, since EventSource cannot
+    send an Authorization header; the token opens that one stream only.
+    """
+    auth: Authenticator = request.app.state.auth
+    token = request.query_params.get("token")
+    message_id = request.path_params.get("message_id")
+    if (
+        token
+        and message_id
+        and "authorization" not in request.headers
+        and str(request.scope.get("path_template", "")).endswith("/stream")
+    ):
+        principal = auth.stream_principal(token, parse_uuid(str(message_id), "message id"))
+    else:
+        principal = auth.principal_of(request.headers)
+    if auth.enabled:
+        request.app.state.rate_limiter.hit(principal)
+    return principal
 
 
-def provide_admin(principal: NamedDependency[str]) -> str:
-    """The principal, when it may use admin endpoints. Without API keys (auth off, loopback
-    only) the one principal is the operator, so it may."""
+def provide_admin(request: Request[Any, Any, Any], principal: NamedDependency[str]) -> str:
+    """The principal, when it may use admin endpoints (403 otherwise). With auth off
+    (loopback only) the one principal is the operator, so it may."""
+    auth: Authenticator = request.app.state.auth
+    auth.require_admin(principal)
     return principal
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, cast
 
 from litestar import Controller, Request, Response, get, post
@@ -11,6 +12,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from ..auth import Authenticator
 from ..errors import BadRequest
 from ..lifecycle import Services
 from ..schemas import AskAccepted, AskRequest, Message, MessagePage
@@ -32,20 +34,32 @@ def _ping() -> ServerSentEvent:
 
 
 def event_stream(
-    services: NamedDependency[Services],
+    services: Services,
+    principal: str,
     message: Message,
     position: Position | None,
     *,
     user_message: Message | None = None,
-    status_code: int = 200,
 ) -> EventSourceResponse:
+    """The SSE response, holding one of the principal's stream slots while it is open."""
+    release = services.manager.stream_slots.acquire(principal)
+    events = answer_events(services.manager, message, position, user_message=user_message)
+
+    async def holding_a_slot() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in events:
+                yield chunk
+        finally:
+            release()
+
     return EventSourceResponse(
-        answer_events(services.manager, message, position, user_message=user_message),
-        status_code=status_code,
+        holding_a_slot(),
         headers=SSE_HEADERS,
         ping=services.settings.sse_ping_seconds,
         ping_message_factory=_ping,
         sep="\n",
+        # A client that stops reading is dropped instead of buffering without end.
+        send_timeout=services.settings.sse_send_timeout_seconds,
     )
 
 
@@ -109,10 +123,13 @@ class MessageController(Controller):
             principal=principal, chat_id=parse_uuid(chat_id, "chat id"), content=data.content
         )
         if _wants_sse(request):
-            return asgi(event_stream(services, answer, None, user_message=question))
+            return asgi(event_stream(services, principal, answer, None, user_message=question))
         if _wants_async(request):
             stream_url = f"{request.scope.get('root_path', '')}{request.url.path.rstrip('/')}"
             stream_url += f"/{answer.id}/stream"
+            auth: Authenticator = request.app.state.auth
+            if auth.enabled:
+                stream_url += f"?token={auth.stream_token(principal, answer.id)}"
             accepted = AskAccepted(
                 user_message=question, assistant_message=answer, stream_url=stream_url
             )
@@ -177,7 +194,7 @@ class MessageController(Controller):
         if position is not None and position.ended and message.is_terminal:
             # 204 is the one answer that makes EventSource stop reconnecting.
             return asgi(Response(None, status_code=204))
-        return asgi(event_stream(services, message, position))
+        return asgi(event_stream(services, principal, message, position))
 
     @post("/{message_id:str}/cancel", status_code=200)
     async def cancel(
