@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -47,17 +47,22 @@ class Metrics:
     disconnects: Counter
     turns: Counter
     db_statements: Counter
+    extra_collectors: list[Collector] = field(default_factory=list)
 
     def watch_pool(self, get_stats: Callable[[], Mapping[str, int]]) -> None:
-        self.registry.register(_PoolCollector(get_stats))
+        self.extra_collectors.append(_PoolCollector(get_stats))
+        self.registry.register(self.extra_collectors[-1])
 
     def render(self, *, openmetrics: bool) -> tuple[bytes, str]:
         """The exposition and its content type; OpenMetrics carries the exemplars."""
         registry = self.registry
         if os.environ.get(MULTIPROC_ENV):
-            # Several worker processes: each writes its own files; one scrape adds them up.
+            # Several processes: each writes its own files; one scrape adds them up. The pool
+            # statistics are this process's own.
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            for collector in self.extra_collectors:
+                registry.register(collector)
         if openmetrics:
             return (
                 openmetrics_exposition.generate_latest(registry),  # type: ignore[no-untyped-call]
