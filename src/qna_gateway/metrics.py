@@ -71,9 +71,24 @@ class Metrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+def _with_known_labels(metrics: Metrics) -> Metrics:
+    """Create every known label set at 0, so dashboards show 0 rather than "No data"."""
+    for status in ("success", "error"):
+        metrics.llm_calls.labels(status)
+    for status in ("completed", "failed", "cancelled", "interrupted"):
+        metrics.turns.labels(status)
+    for reason in ("client", "reconnect"):
+        metrics.disconnects.labels(reason)
+    for role in ("user", "assistant"):
+        metrics.messages.labels(role)
+    for kind in ("append", "rewrite", "tool_event", "finish"):
+        metrics.db_statements.labels(kind)
+    return metrics
+
+
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     registry = registry or CollectorRegistry(auto_describe=True)
-    return Metrics(
+    metrics = Metrics(
         registry=registry,
         http_requests=Counter(
             "http_requests_total",
@@ -94,7 +109,7 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         llm_calls=Counter(
             "llm_calls_total",
-            "Calls to the LLM (or the extractive answerer), by outcome: success or error.",
+            "Chat-completions calls to the LLM (one per tool round), by outcome: success or error.",
             ["status"],
             registry=registry,
         ),
@@ -145,6 +160,7 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             registry=registry,
         ),
     )
+    return _with_known_labels(metrics)
 
 
 class _PoolCollector(Collector):

@@ -17,6 +17,7 @@ from qna_gateway.telemetry import create_telemetry
 from tests.conftest import Gateway, GatewayFactory, ServeProcess
 from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan, serve_otlp
 from tests.sse import stream_events
+from tests.unit.test_deploy_configs import DASHBOARD, dashboard_metric_names
 
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -241,3 +242,17 @@ async def test_json_logs_carry_request_trace_and_chat_ids(
     # uvicorn's own lines come out as JSON too, and no line holds message contents.
     assert any(e["logger"].startswith("uvicorn") for e in lines)
     assert not any("How much is the tent deposit" in json.dumps(e) for e in lines)
+
+
+async def test_every_metric_the_dashboard_queries_is_on_metrics(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    gw = await gateway_factory(openai_base_url=upstream.base_url, model="fake-model")
+    await ask_once(gw.base_url, upstream)
+    exposed: set[str] = set()
+    for family in text_string_to_metric_families((await gw.client.get("/metrics")).text):
+        # The parser names counters without _total; queries use the sample names.
+        exposed.update({family.name, *(sample.name for sample in family.samples)})
+    wanted = dashboard_metric_names(DASHBOARD)
+    assert wanted
+    assert wanted <= exposed, wanted - exposed
