@@ -102,9 +102,10 @@ def upstream(upstream_server: FakeUpstream) -> Iterator[FakeUpstream]:
 # -- the gateway, in this process --------------------------------------------------------------
 
 
-def base_settings(database_url: str, **overrides: Any) -> Settings:
+def base_settings(url: str, **overrides: Any) -> Settings:
+    """Test settings on the database at `url`; `overrides` replace any field (even the URL)."""
     settings = Settings(
-        database_url=Secret(database_url),
+        database_url=Secret(url),
         kb_dir=KB_DIR,
         batch_interval_ms=20,
         sse_ping_seconds=15,
@@ -166,6 +167,9 @@ async def running_gateway(
             task.result()
             raise RuntimeError("the gateway did not start")
         await asyncio.sleep(0.01)
+    async with asyncio.timeout(60):  # the services come up after the server starts
+        while lifecycle.services is None:
+            await asyncio.sleep(0.01)
     base_url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -46,16 +47,23 @@ def create_app(
         # sse-starlette would cut every stream, without a final event, as soon as uvicorn
         # begins to exit; the gateway's own drain ends streams properly instead.
         AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
-        try:
-            async with running_services(settings, telemetry, answerer=answerer) as services:
-                lifecycle.services = services
-                try:
-                    yield
-                finally:
-                    lifecycle.services = None
-        finally:
-            # Last, after the drain: spans of the final writes are exported too.
-            telemetry.shutdown()
+        # The server answers (/health 200, /ready 503) while the services come up, so a
+        # database that is down at start is waited for instead of failing the process.
+        async with contextlib.AsyncExitStack() as stack:
+            bring_up = asyncio.create_task(
+                lifecycle.bring_up(
+                    stack, lambda: running_services(settings, telemetry, answerer=answerer)
+                )
+            )
+            try:
+                yield
+            finally:
+                bring_up.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await bring_up
+                lifecycle.services = None
+        # Last, after the drain and the final writes: their spans are exported too.
+        telemetry.shutdown()
 
     @get("/metrics", tags=["probes"], media_type="text/plain")
     async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:

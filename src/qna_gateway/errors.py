@@ -13,9 +13,11 @@ import logging
 from typing import Any
 
 import msgspec
+import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from psycopg_pool import PoolTimeout
 
 from .schemas import Problem
 
@@ -139,6 +141,21 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+def _on_database(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    """The database is down or every pooled connection is busy: the client may retry."""
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    busy = isinstance(exc, PoolTimeout)
+    return problem_response(
+        503,
+        "Service unavailable",
+        "The database is busy; retry shortly."
+        if busy
+        else "The database cannot be reached; retry shortly.",
+        headers={"Retry-After": "2"},
+        instance=request.url.path,
+    )
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(
@@ -153,6 +170,8 @@ exception_handlers: dict[type[Exception], Any] = {
     ProblemError: _on_problem,
     ValidationException: _on_validation,
     HTTPException: _on_http,
+    PoolTimeout: _on_database,
+    psycopg.OperationalError: _on_database,
     Exception: _on_unexpected,
 }
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -117,6 +118,29 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.services: Services | None = None
+        self.startup_problem: str | None = None
+        self.started = asyncio.Event()
+
+    async def bring_up(
+        self,
+        stack: contextlib.AsyncExitStack,
+        services: Callable[[], contextlib.AbstractAsyncContextManager[Services]],
+    ) -> None:
+        """Enter the services, retrying with backoff while a dependency is down."""
+        delay = 0.5
+        while True:
+            try:
+                self.services = await stack.enter_async_context(services())
+            except Exception as exc:
+                self.startup_problem = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("start-up failed (%s); retrying in %.1fs", self.startup_problem, delay)
+                await asyncio.sleep(delay * (0.75 + random.random() / 2))
+                delay = min(delay * 2, 10.0)
+                continue
+            self.startup_problem = None
+            self.started.set()
+            log.info("ready")
+            return
 
     @property
     def draining(self) -> bool:

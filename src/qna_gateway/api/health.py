@@ -25,7 +25,7 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     checks: dict[str, str] = {}
     services = lifecycle.services
     if services is None:
-        checks["startup"] = "starting"
+        checks["startup"] = lifecycle.startup_problem or "starting"
     else:
         checks["draining"] = "draining" if lifecycle.draining else "ok"
         try:
