@@ -52,12 +52,13 @@ class ChatLine:
 
 
 class AnswerError(Exception):
-    """The answer could not be produced; `timeout` ends the message `interrupted`, else `failed`."""
+    """The answer could not be produced. A timeout ends the message `interrupted` with
+    `finish_reason` = its `kind` (which timeout); anything else ends it `failed`."""
 
     def __init__(self, message: str, *, timeout: bool = False, kind: str = "error") -> None:
         super().__init__(message)
         self.timeout = timeout
-        self.kind = kind  # the span's error.type
+        self.kind = kind  # the span's error.type, and the interruption's reason
 
 
 class Answerer(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -75,10 +76,16 @@ class OpenAIAnswerer:
             api_key=key,
             base_url=settings.openai_base_url,
             max_retries=settings.llm_max_retries,
+            # The first-token and idle limits are enforced per chunk below, each with its own
+            # reason; the client's read timeout is only a backstop behind them.
             timeout=openai.Timeout(
-                settings.llm_read_timeout_seconds,
+                max(settings.llm_first_token_timeout_seconds, settings.llm_idle_timeout_seconds)
+                + 5,
                 connect=settings.llm_connect_timeout_seconds,
             ),
+        )
+        self._breaker = CircuitBreaker(
+            failures=settings.llm_breaker_failures, cooldown=settings.llm_breaker_seconds
         )
 
     @property
@@ -89,6 +96,13 @@ class OpenAIAnswerer:
         await self._client.close()
 
     async def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]:
+        deadline = time.monotonic() + self._settings.llm_total_timeout_seconds
+        async for event in self._answer(conversation, deadline):
+            yield event
+
+    async def _answer(
+        self, conversation: Sequence[ChatLine], deadline: float
+    ) -> AsyncIterator[AnswerEvent]:
         messages: list[dict[str, Any]] = [
             {"role": line.role, "content": line.content} for line in conversation
         ]
@@ -107,7 +121,7 @@ class OpenAIAnswerer:
             # The last round offers no tool, so the model has to answer with what it found.
             offer_tool = round_number < max_rounds
             result = _Round()
-            async for event in self._one_round(messages, offer_tool, result):
+            async for event in self._one_round(messages, offer_tool, result, deadline):
                 yield event
             if result.usage is not None:
                 total_in += result.usage.input_tokens
@@ -150,7 +164,7 @@ class OpenAIAnswerer:
         raise AnswerError("The model kept calling tools and never answered.")
 
     async def _one_round(
-        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round
+        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round, deadline: float
     ) -> AsyncIterator[AnswerEvent]:
         """One chat-completions call, in a CLIENT span with the GenAI attributes.
 
@@ -170,10 +184,14 @@ class OpenAIAnswerer:
         started = time.monotonic()
         failure: str | None = None
         try:
-            async for event in self._stream_round(messages, offer_tool, result):
+            self._breaker.check()
+            async for event in self._stream_round(messages, offer_tool, result, deadline):
                 yield event
+            self._breaker.succeeded()
         except AnswerError as exc:
             failure = exc.kind
+            if exc.kind != "circuit_open":
+                self._breaker.failed()
             raise
         except (asyncio.CancelledError, GeneratorExit):
             failure = "cancelled"
@@ -201,22 +219,38 @@ class OpenAIAnswerer:
             span.end()
 
     async def _stream_round(
-        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round
+        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round, deadline: float
     ) -> AsyncIterator[AnswerEvent]:
         tools_mode = self._settings.kb_mode == "tools"
+        settings = self._settings
         try:
-            # Once tool messages are in the conversation the tool must stay declared;
-            # tool_choice="none" is how the last round forbids another call.
-            stream = await self._client.chat.completions.create(
-                model=self._settings.model,
-                messages=cast(Any, messages),
-                stream=True,
-                stream_options={"include_usage": True},
-                tools=cast(Any, [SEARCH_TOOL]) if tools_mode else openai.omit,
-                tool_choice=("auto" if offer_tool else "none") if tools_mode else openai.omit,
-            )
+            async with _limit(settings.llm_first_token_timeout_seconds, deadline, "first_token"):
+                # Once tool messages are in the conversation the tool must stay declared;
+                # tool_choice="none" is how the last round forbids another call.
+                stream = await self._client.chat.completions.create(
+                    model=settings.model,
+                    messages=cast(Any, messages),
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    tools=cast(Any, [SEARCH_TOOL]) if tools_mode else openai.omit,
+                    tool_choice=("auto" if offer_tool else "none") if tools_mode else openai.omit,
+                )
             async with stream:
-                async for chunk in stream:
+                chunks = stream.__aiter__()
+                while True:
+                    # Until the first text or tool call, the first-token limit runs (role-only
+                    # chunks do not count); after it, the idle limit between chunks.
+                    waiting_first = not result.text and not result.calls
+                    seconds, which = (
+                        (settings.llm_first_token_timeout_seconds, "first_token")
+                        if waiting_first
+                        else (settings.llm_idle_timeout_seconds, "idle")
+                    )
+                    try:
+                        async with _limit(seconds, deadline, which):
+                            chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
                     if result.first_chunk_at is None:
                         result.first_chunk_at = time.monotonic()
                     result.model = result.model or chunk.model
@@ -241,9 +275,15 @@ class OpenAIAnswerer:
                                     call.arguments.append(piece.function.arguments)
                         if choice.finish_reason is not None:
                             result.finish_reason = choice.finish_reason
-        except openai.APITimeoutError:
+        except openai.APITimeoutError as exc:
+            if type(exc.__cause__).__name__ == "ConnectTimeout":
+                raise AnswerError(
+                    "Connecting to the LLM timed out.",
+                    timeout=True,
+                    kind="upstream_connect_timeout",
+                ) from None
             raise AnswerError(
-                "The LLM did not answer in time.", timeout=True, kind="timeout"
+                "The LLM stopped sending.", timeout=True, kind="upstream_idle_timeout"
             ) from None
         except openai.APIStatusError as exc:
             raise AnswerError(
@@ -265,6 +305,65 @@ class OpenAIAnswerer:
             ) from None
         for index, call in result.calls.items():
             call.call_id = call.call_id or f"call_{index}"
+
+
+_TIMEOUT_TEXT = {
+    "first_token": ("The LLM sent no first token in time.", "upstream_first_token_timeout"),
+    "idle": ("The LLM stopped sending in the middle of the answer.", "upstream_idle_timeout"),
+    "total": ("The answer took longer than the total time allowed.", "upstream_total_timeout"),
+}
+
+
+@contextlib.asynccontextmanager
+async def _limit(seconds: float, deadline: float, which: str) -> AsyncIterator[None]:
+    """A timeout of `seconds`, or less when the total deadline comes first, that ends the
+    answer with the reason of whichever limit it was."""
+    remaining = deadline - time.monotonic()
+    if remaining < seconds:
+        seconds, which = max(remaining, 0.0), "total"
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        text, kind = _TIMEOUT_TEXT[which]
+        raise AnswerError(text, timeout=True, kind=kind) from None
+
+
+class CircuitBreaker:
+    """After `failures` failed calls in a row, fail fast for `cooldown` seconds, then let one
+    call through: its success closes the breaker, its failure opens it again."""
+
+    def __init__(self, *, failures: int, cooldown: float) -> None:
+        self._threshold = failures
+        self._cooldown = cooldown
+        self._failures = 0
+        self._open_until = 0.0
+
+    def check(self) -> None:
+        if self._threshold <= 0 or self._failures < self._threshold:
+            return
+        now = time.monotonic()
+        if now < self._open_until:
+            raise AnswerError(
+                f"The LLM failed {self._failures} times in a row; not calling it for another "
+                f"{self._open_until - now:.0f}s.",
+                kind="circuit_open",
+            )
+        # Half-open: this call is the trial; a failure re-opens for a full cooldown.
+        self._open_until = now + self._cooldown
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        self._open_until = 0.0
+
+    def failed(self) -> None:
+        self._failures += 1
+        if self._threshold > 0 and self._failures >= self._threshold:
+            self._open_until = time.monotonic() + self._cooldown
+
+    @property
+    def open(self) -> bool:
+        return self._threshold > 0 and self._failures >= self._threshold
 
 
 def _short(text: str, limit: int = 300) -> str:

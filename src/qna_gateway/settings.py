@@ -62,8 +62,12 @@ class Settings:
     model: str = "gpt-4o-mini"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     llm_connect_timeout_seconds: float = 10.0
-    llm_read_timeout_seconds: float = 60.0
+    llm_first_token_timeout_seconds: float = 60.0
+    llm_idle_timeout_seconds: float = 30.0
+    llm_total_timeout_seconds: float = 600.0
     llm_max_retries: int = 2
+    llm_breaker_failures: int = 5
+    llm_breaker_seconds: float = 30.0
 
     # HTTP server.
     host: str = "127.0.0.1"
@@ -316,11 +320,29 @@ def _read(env: _Env) -> Settings:
             minimum=0.1,
             maximum=300,
         ),
-        llm_read_timeout_seconds=env.number(
-            "QNA_LLM_READ_TIMEOUT_SECONDS",
-            defaults.llm_read_timeout_seconds,
+        llm_first_token_timeout_seconds=env.number(
+            "QNA_LLM_FIRST_TOKEN_TIMEOUT_SECONDS",
+            defaults.llm_first_token_timeout_seconds,
             minimum=0.1,
             maximum=3600,
+        ),
+        llm_idle_timeout_seconds=env.number(
+            "QNA_LLM_IDLE_TIMEOUT_SECONDS",
+            defaults.llm_idle_timeout_seconds,
+            minimum=0.1,
+            maximum=3600,
+        ),
+        llm_total_timeout_seconds=env.number(
+            "QNA_LLM_TOTAL_TIMEOUT_SECONDS",
+            defaults.llm_total_timeout_seconds,
+            minimum=0.1,
+            maximum=86_400,
+        ),
+        llm_breaker_failures=env.integer(
+            "QNA_LLM_BREAKER_FAILURES", defaults.llm_breaker_failures, minimum=0, maximum=1000
+        ),
+        llm_breaker_seconds=env.number(
+            "QNA_LLM_BREAKER_SECONDS", defaults.llm_breaker_seconds, minimum=0.1, maximum=3600
         ),
         llm_max_retries=env.integer(
             "QNA_LLM_MAX_RETRIES", defaults.llm_max_retries, minimum=0, maximum=10

@@ -235,7 +235,7 @@ class Turn:
             status, finish_reason = stop
         except AnswerError as exc:
             if exc.timeout:
-                status, finish_reason = "interrupted", "upstream_timeout"
+                status, finish_reason = "interrupted", exc.kind
             else:
                 status, finish_reason = "failed", "error"
             error = str(exc)
@@ -373,60 +373,72 @@ class Turn:
             self.stop("cancelled", "cancelled")
 
     async def _finish(self, status: str, finish_reason: str, error: str | None) -> None:
+        """Store the end, retrying while the database is away. Past `final_write_seconds` the
+        watchers are told the answer `failed` (its text kept) and the same is stored whenever
+        the database is back: the answer is never silently dropped."""
         text = self.text
-        stored: Message | None = None
-        written = False
         deadline = time.monotonic() + self._config.final_write_seconds
         delay = 0.1
         while True:
             try:
-                async with self._pool.connection() as conn:
-                    self._metrics.db_statements.labels("finish").inc()
-                    stored = await store.finish_message(
-                        conn,
-                        message_id=self.id,
-                        text=text,
-                        status=status,
-                        finish_reason=finish_reason,
-                        error=error,
-                        usage=self._usage,
-                        sources=self._sources,
-                        tool_events=msgspec.to_builtins(self._tool_events),
-                        notify=end_notice(self.id, status),
-                    )
-                    if stored is None:  # ended elsewhere (a remote cancel) or deleted
-                        stored = await store.read_message(conn, message_id=self.id)
-                written = True
+                stored = await self._write_end(text, status, finish_reason, error)
                 break
             except DB_ERRORS as exc:
-                if time.monotonic() > deadline:
-                    log.error("could not store the end of answer %s: %s", self.id, exc)
-                    break
+                if self.final is None and time.monotonic() > deadline:
+                    log.error("could not store the end of answer %s yet: %s", self.id, exc)
+                    status, finish_reason = "failed", "error"
+                    error = (
+                        "The database could not be reached when the answer ended; its text "
+                        "was kept and is stored once the database is back."
+                    )
+                    self._announce(self._in_memory(text, status, finish_reason, error))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        if stored is None:
-            stored = msgspec.structs.replace(
-                self.message,
-                content=text,
+                delay = min(delay * 2, 5.0)
+        stored = stored or self._in_memory(text, status, finish_reason, error)
+        if self._config.log_content:
+            log.info("answer %s text: %s", self.id, text, extra={"content": text})
+        log.info(
+            "answer %s ended %s (%s), %d chars", self.id, stored.status, finish_reason, len(text)
+        )
+        if self.final is None:
+            self._announce(stored)
+
+    async def _write_end(
+        self, text: str, status: str, finish_reason: str, error: str | None
+    ) -> Message | None:
+        async with self._pool.connection() as conn:
+            self._metrics.db_statements.labels("finish").inc()
+            stored = await store.finish_message(
+                conn,
+                message_id=self.id,
+                text=text,
                 status=status,
                 finish_reason=finish_reason,
                 error=error,
                 usage=self._usage,
                 sources=self._sources,
+                tool_events=msgspec.to_builtins(self._tool_events),
+                notify=end_notice(self.id, status),
             )
-        if self._config.log_content:
-            log.info("answer %s text: %s", self.id, text, extra={"content": text})
-        if written:
-            log.info(
-                "answer %s ended %s (%s), %d chars",
-                self.id,
-                stored.status,
-                finish_reason,
-                len(text),
-            )
-        self.final = stored
-        self._metrics.turns.labels(stored.status).inc()
-        self._publish(Ended(stored))
+            if stored is None:  # ended elsewhere (a remote cancel) or deleted
+                stored = await store.read_message(conn, message_id=self.id)
+        return stored
+
+    def _in_memory(self, text: str, status: str, finish_reason: str, error: str | None) -> Message:
+        return msgspec.structs.replace(
+            self.message,
+            content=text,
+            status=status,
+            finish_reason=finish_reason,
+            error=error,
+            usage=self._usage,
+            sources=self._sources,
+        )
+
+    def _announce(self, final: Message) -> None:
+        self.final = final
+        self._metrics.turns.labels(final.status).inc()
+        self._publish(Ended(final))
         self.done.set()
         self._on_done(self)
 

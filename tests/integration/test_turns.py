@@ -176,8 +176,22 @@ FAULTS: list[tuple[dict[str, Any], str, str, str, bool]] = [
     (
         {"fault": "stall", "fault_after": 5, "stall_seconds": 3},
         "interrupted",
-        "upstream_timeout",
-        "in time",
+        "upstream_idle_timeout",
+        "stopped sending",
+        True,
+    ),
+    (
+        {"ttft_ms": 3000},
+        "interrupted",
+        "upstream_first_token_timeout",
+        "no first token",
+        False,
+    ),
+    (
+        {"tokens_per_second": 4},
+        "interrupted",
+        "upstream_total_timeout",
+        "total time",
         True,
     ),
 ]
@@ -186,7 +200,7 @@ FAULTS: list[tuple[dict[str, Any], str, str, str, bool]] = [
 @pytest.mark.parametrize(
     ("scenario", "status", "reason", "error", "partial"),
     FAULTS,
-    ids=[f[0]["fault"] for f in FAULTS],
+    ids=["http_500", "http_429", "cut", "malformed", "stall", "first_token", "total"],
 )
 async def test_upstream_faults_end_the_answer_as_documented(
     gateway_factory: GatewayFactory,
@@ -199,9 +213,13 @@ async def test_upstream_faults_end_the_answer_as_documented(
     partial: bool,
 ) -> None:
     gw = await gateway_factory(
-        openai_base_url=upstream.base_url, model="fake-model", llm_read_timeout_seconds=0.5
+        openai_base_url=upstream.base_url,
+        model="fake-model",
+        llm_first_token_timeout_seconds=0.5,
+        llm_idle_timeout_seconds=0.5,
+        llm_total_timeout_seconds=1.5,
     )
-    upstream.set_scenario(tokens=20, **scenario)
+    upstream.set_scenario(**{"tokens": 20, **scenario})
     chat_id = await gw.create_chat()
     events = await stream_events(
         gw.client, "POST", f"/v1/chats/{chat_id}/messages", json={"content": "Go"}
@@ -215,7 +233,7 @@ async def test_upstream_faults_end_the_answer_as_documented(
     assert row["status"] == status
     assert row["content"] == deltas_text(events)
     assert bool(row["content"]) is partial
-    if partial:
+    if partial and scenario.get("fault"):
         assert row["content"] == "".join(answer_tokens(Scenario(tokens=20))[:5])
     # The chat is free again for the next question.
     upstream.reset()
@@ -266,3 +284,29 @@ async def test_curl_streams_the_answer(llm_gateway: Gateway, upstream: FakeUpstr
     assert names.count("message.delta") == 12
     assert names[-1] == "message.completed"
     assert lines[0].startswith("retry: ")
+
+
+async def test_circuit_breaker_fails_fast_and_recovers(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    gw = await gateway_factory(
+        openai_base_url=upstream.base_url,
+        model="fake-model",
+        llm_breaker_failures=2,
+        llm_breaker_seconds=0.5,
+        kb_mode="prefetch",
+    )
+    chat_id = await gw.create_chat()
+    url = f"/v1/chats/{chat_id}/messages"
+    upstream.set_scenario(fault="http_500")
+    for _ in range(2):
+        assert (await gw.client.post(url, json={"content": "Q"})).json()["status"] == "failed"
+    calls = upstream.stats()["requests"]
+    upstream.set_scenario(tokens=3)  # healthy again, but the breaker is open
+    fast = (await gw.client.post(url, json={"content": "Q"})).json()
+    assert fast["status"] == "failed"
+    assert "not calling it" in fast["error"]
+    assert upstream.stats()["requests"] == calls  # failed fast: no call made
+    await asyncio.sleep(0.6)  # the cooldown itself is what is tested: time has to pass
+    recovered = (await gw.client.post(url, json={"content": "Q"})).json()
+    assert recovered["status"] == "completed"

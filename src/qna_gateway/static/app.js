@@ -313,6 +313,7 @@ class MessageView {
     this.role = message.role;
     this.question = question;
     this.sourceKeys = new Set();
+    this.documents = new Map();
     this.toolItems = new Map();
 
     this.item = el("li", `message message-${message.role}`);
@@ -347,8 +348,10 @@ class MessageView {
   addToolCall(call) {
     const line = el("li", "tool-call");
     const query = typeof call.query === "string" ? call.query : null;
+    const icon = el("span", "tool-icon", "⌕");
+    icon.setAttribute("aria-hidden", "true");
     line.append(
-      el("span", "tool-icon", "⌕"),
+      icon,
       document.createTextNode(query ? "Searched the knowledge base for " : `Called ${call.name} `),
       el("q", "tool-query", query ?? call.arguments ?? ""),
     );
@@ -370,26 +373,40 @@ class MessageView {
     this.addSources(sources);
   }
 
+  /** Sources grouped by document: the document's name, and its passages on demand. */
   addSources(sources) {
     for (const source of sources || []) {
       const key = `${source.document}#${source.chunk}`;
       if (this.sourceKeys.has(key)) continue;
       this.sourceKeys.add(key);
-      const item = el("li", "source");
-      item.id = `source-${this.id}-${this.sourceKeys.size}`;
-      const details = el("details");
-      const summary = el("summary");
-      summary.append(el("cite", "source-document", source.document));
-      if (source.title && source.title !== source.document) {
-        summary.append(el("span", "source-title", source.title));
+      let doc = this.documents.get(source.document);
+      if (!doc) {
+        const item = el("li", "source");
+        item.id = `source-${this.id}-${this.documents.size + 1}`;
+        item.dataset.document = source.document;
+        const details = el("details");
+        const summary = el("summary");
+        summary.append(el("cite", "source-document", source.document));
+        if (source.title && source.title !== source.document) {
+          summary.append(el("span", "source-title", source.title));
+        }
+        const count = el("span", "source-count");
+        summary.append(count);
+        details.append(summary);
+        item.append(details);
+        this.sourcesList.append(item);
+        doc = { details, count, passages: 0 };
+        this.documents.set(source.document, doc);
       }
-      details.append(summary, el("blockquote", "source-snippet", source.snippet));
+      doc.passages += 1;
+      doc.count.textContent = doc.passages > 1 ? `${doc.passages} passages` : "";
       const score = typeof source.score === "number" ? source.score.toFixed(2) : "?";
-      details.append(el("p", "source-meta", `Passage ${source.chunk} · relevance ${score}`));
-      item.append(details);
-      this.sourcesList.append(item);
+      doc.details.append(
+        el("blockquote", "source-snippet", source.snippet),
+        el("p", "source-meta", `Passage ${source.chunk} · relevance ${score}`),
+      );
     }
-    this.sourcesBox.hidden = this.sourceKeys.size === 0;
+    this.sourcesBox.hidden = this.documents.size === 0;
   }
 
   setConnection(what) {
