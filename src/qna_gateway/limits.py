@@ -53,6 +53,42 @@ class RateLimiter:
 
 
 @dataclass
+class TokenBudget:
+    """Output tokens per principal per minute (per process): an ask is refused while the
+    principal's answers of this minute used the budget up."""
+
+    per_minute: int
+    clock: Callable[[], float] = time.monotonic
+    _used: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def check(self, principal: str) -> None:
+        if self.per_minute <= 0:
+            return
+        now = self.clock()
+        window = int(now // 60)
+        start, used = self._used.get(principal, (window, 0))
+        if start == window and used >= self.per_minute:
+            reset = max(1, math.ceil((window + 1) * 60 - now))
+            raise TooManyRequests(
+                f"{principal} used its {self.per_minute} tokens for this minute.",
+                headers={
+                    "Retry-After": str(reset),
+                    "RateLimit-Limit": str(self.per_minute),
+                    "RateLimit-Remaining": "0",
+                    "RateLimit-Reset": str(reset),
+                    "RateLimit-Policy": f'{self.per_minute};w=60;unit="tokens"',
+                },
+            )
+
+    def spend(self, principal: str, tokens: int) -> None:
+        if self.per_minute <= 0:
+            return
+        window = int(self.clock() // 60)
+        start, used = self._used.get(principal, (window, 0))
+        self._used[principal] = (window, (used if start == window else 0) + tokens)
+
+
+@dataclass
 class Slots:
     """Counted places (running answers, open streams), per principal and in all."""
 

@@ -101,6 +101,7 @@ class Settings:
 
     # Limits and backpressure (per process).
     rate_limit_per_minute: int = 120
+    token_limit_per_minute: int = 0
     max_turns_per_principal: int = 4
     max_turns: int = 256
     max_streams_per_principal: int = 32
@@ -392,6 +393,9 @@ def _read(env: _Env) -> Settings:
         stream_token_secret=env.secret("QNA_STREAM_TOKEN_SECRET"),
         rate_limit_per_minute=env.integer(
             "QNA_RATE_LIMIT_PER_MINUTE", defaults.rate_limit_per_minute, minimum=0, maximum=10**6
+        ),
+        token_limit_per_minute=env.integer(
+            "QNA_TOKEN_LIMIT_PER_MINUTE", defaults.token_limit_per_minute, minimum=0, maximum=10**9
         ),
         max_turns_per_principal=env.integer(
             "QNA_MAX_TURNS_PER_PRINCIPAL",

@@ -15,7 +15,7 @@ import psutil
 from .answers import Answerer, ChatLine
 from .errors import Conflict, Unavailable
 from .events import Ended, Reconnect, Resync, cancel_notice, end_notice
-from .limits import Slots
+from .limits import Slots, TokenBudget
 from .pubsub import EventHub
 from .schemas import Message
 from .settings import Settings
@@ -72,6 +72,8 @@ class TurnManager:
             settings.max_streams,
         )
         self._releases: dict[UUID, Callable[[], None]] = {}
+        self.tokens = TokenBudget(settings.token_limit_per_minute if per_principal else 0)
+        self._principals: dict[UUID, str] = {}
 
     # -- life --------------------------------------------------------------------------------
 
@@ -156,6 +158,7 @@ class TurnManager:
             raise Unavailable(
                 "This gateway is shutting down; retry shortly.", headers={"Retry-After": "2"}
             )
+        self.tokens.check(principal)
         release = self.turn_slots.acquire(principal)
         try:
             question, answer, _, history = await self._store_question(
@@ -165,6 +168,7 @@ class TurnManager:
             release()
             raise
         self._releases[answer.id] = release
+        self._principals[answer.id] = principal
         if self.settings.log_content:
             log.info("question %s: %s", question.id, content, extra={"content": content})
         self.telemetry.metrics.messages.labels("user").inc()
@@ -214,6 +218,12 @@ class TurnManager:
 
     def _forget(self, turn: Turn) -> None:
         self._turns.pop(turn.id, None)
+        principal = self._principals.pop(turn.id, None)
+        if principal is not None and turn.final is not None:
+            usage = turn.final.usage
+            # The model's count when it gives one, else about four characters a token.
+            spent = usage.output_tokens if usage else len(turn.final.content) // 4
+            self.tokens.spend(principal, spent)
         release = self._releases.pop(turn.id, None)
         if release is not None:
             release()

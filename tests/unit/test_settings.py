@@ -102,6 +102,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("QNA_JWT_ISSUER", "https://idp.example.com", "jwt_issuer", "https://idp.example.com"),
     ("QNA_STREAM_TOKEN_SECRET", "s" * 32, "stream_token_secret", Secret("s" * 32)),
     ("QNA_RATE_LIMIT_PER_MINUTE", "30", "rate_limit_per_minute", 30),
+    ("QNA_TOKEN_LIMIT_PER_MINUTE", "5000", "token_limit_per_minute", 5000),
     ("QNA_MAX_TURNS_PER_PRINCIPAL", "2", "max_turns_per_principal", 2),
     ("QNA_MAX_TURNS", "50", "max_turns", 50),
     ("QNA_MAX_STREAMS_PER_PRINCIPAL", "8", "max_streams_per_principal", 8),

@@ -65,6 +65,10 @@ function codePoints(text) {
   return n;
 }
 
+function sentence(text) {
+  return /[.!?]$/.test(text) ? text : `${text}.`;
+}
+
 function formatTime(iso) {
   const date = new Date(iso);
   return Number.isNaN(date.getTime())
@@ -434,10 +438,10 @@ class MessageView {
     if (message.status === "completed") return;
     let text;
     if (message.status === "cancelled") text = "Cancelled.";
-    else if (message.status === "failed") text = `Failed: ${message.error || "the model call failed"}.`;
+    else if (message.status === "failed") text = sentence(`Failed: ${message.error || "the model call failed"}`);
     else {
       const why = INTERRUPTIONS[message.finish_reason] || message.finish_reason || "unknown reason";
-      text = `Interrupted: ${why}.`;
+      text = sentence(`Interrupted: ${why}`);
     }
     this.status.append(el("span", "status-text", text));
     if (this.question !== null && this.question !== undefined) {
