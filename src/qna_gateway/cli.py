@@ -1,4 +1,8 @@
-"""`qna-gateway serve | migrate`: the command line."""
+"""`qna-gateway serve | migrate | kb sync`: the command line.
+
+The web stack is imported only by the commands that need it, so `--help` and a settings
+error answer at once.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-import uvicorn
-
 from . import __version__
-from .app import create_app
-from .auth import Authenticator, is_loopback
-from .lifecycle import GatewayServer, Lifecycle, resolve_database
-from .logs import configure_logging
 from .settings import Settings, SettingsError
-from .store.migrations import apply_migrations
 
 log = logging.getLogger("qna_gateway")
 
@@ -47,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"qna-gateway: configuration error: {exc}", file=sys.stderr)
         return 2
+    from .logs import configure_logging
+
     configure_logging(settings)
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
@@ -60,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _migrate(settings: Settings) -> int:
+    from .lifecycle import resolve_database
+    from .store.migrations import apply_migrations
+
     conninfo, embedded = await resolve_database(settings, None)
     try:
         applied = await apply_migrations(conninfo)
@@ -74,6 +76,8 @@ async def _kb_sync(settings: Settings) -> int:
     from psycopg import AsyncConnection
 
     from .kb import read_documents, sync_documents
+    from .lifecycle import resolve_database
+    from .store.migrations import apply_migrations
 
     conninfo, embedded = await resolve_database(settings, None)
     try:
@@ -93,6 +97,12 @@ async def _kb_sync(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .auth import Authenticator, is_loopback
+    from .lifecycle import GatewayServer, Lifecycle
+
     auth = Authenticator.from_settings(settings)
     if not auth.enabled and not is_loopback(settings.host) and settings.auth != "disabled":
         print(
