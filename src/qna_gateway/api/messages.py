@@ -125,7 +125,10 @@ class MessageController(Controller):
         if _wants_sse(request):
             return asgi(event_stream(services, principal, answer, None, user_message=question))
         if _wants_async(request):
-            stream_url = f"{request.scope.get('root_path', '')}{request.url.path.rstrip('/')}"
+            # uvicorn already puts QNA_ROOT_PATH in front of the path; add it only if not.
+            root_path = str(request.scope.get("root_path", ""))
+            path = request.url.path.rstrip("/")
+            stream_url = path if path.startswith(root_path + "/") else root_path + path
             stream_url += f"/{answer.id}/stream"
             auth: Authenticator = request.app.state.auth
             if auth.enabled:

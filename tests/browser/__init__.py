@@ -1,0 +1,1 @@
+"""The chat page, driven in Debian's Chromium through playwright."""
