@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import psycopg
@@ -228,28 +228,16 @@ def normalise_database_url(url: str) -> str:
     return normalised
 
 
-def _log_format(value: str) -> LogFormat:
-    if value == "json":
-        return "json"
-    if value == "console":
-        return "console"
-    raise ValueError(value)
+def _one_of(kind: Any) -> Callable[[str], Any]:
+    """A parser for one of a Literal's values (anything else is a ValueError)."""
+    allowed = get_args(kind)
 
+    def parse(value: str) -> Any:
+        if value not in allowed:
+            raise ValueError(value)
+        return value
 
-def _kb_mode(value: str) -> KbMode:
-    if value == "tools":
-        return "tools"
-    if value == "prefetch":
-        return "prefetch"
-    raise ValueError(value)
-
-
-def _auth_mode(value: str) -> AuthMode:
-    if value == "auto":
-        return "auto"
-    if value == "disabled":
-        return "disabled"
-    raise ValueError(value)
+    return parse
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -354,7 +342,7 @@ def _read(env: _Env) -> Settings:
             "QNA_MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024, maximum=64 * 1024 * 1024
         ),
         kb_dir=env.get("QNA_KB_DIR", Path, defaults.kb_dir, what="a path"),
-        kb_mode=env.get("QNA_KB_MODE", _kb_mode, defaults.kb_mode, what="tools or prefetch"),
+        kb_mode=env.get("QNA_KB_MODE", _one_of(KbMode), defaults.kb_mode, what="tools or prefetch"),
         kb_max_rounds=env.integer(
             "QNA_KB_MAX_ROUNDS", defaults.kb_max_rounds, minimum=0, maximum=10
         ),
@@ -385,7 +373,7 @@ def _read(env: _Env) -> Settings:
         ),
         api_keys=_api_keys(env.secret("QNA_API_KEYS")),
         admin_principals=env.get("QNA_ADMIN_PRINCIPALS", _names, (), what="names"),
-        auth=env.get("QNA_AUTH", _auth_mode, defaults.auth, what="auto or disabled"),
+        auth=env.get("QNA_AUTH", _one_of(AuthMode), defaults.auth, what="auto or disabled"),
         jwt_secret=env.secret("QNA_JWT_SECRET"),
         jwt_jwks_url=env.get("QNA_JWT_JWKS_URL", _base_url, None, what="an http(s) URL"),
         jwt_audience=env.raw("QNA_JWT_AUDIENCE"),
@@ -418,7 +406,7 @@ def _read(env: _Env) -> Settings:
             maximum=3600,
         ),
         root_path=env.get("QNA_ROOT_PATH", _root_path, "", what="a path like /qna"),
-        log_format=env.get("QNA_LOG_FORMAT", _log_format, None, what="json or console"),
+        log_format=env.get("QNA_LOG_FORMAT", _one_of(LogFormat), None, what="json or console"),
         log_level=env.get("QNA_LOG_LEVEL", _log_level, defaults.log_level, what="a log level"),
         log_content=env.get(
             "QNA_LOG_CONTENT", _boolean, defaults.log_content, what="true or false"

@@ -25,35 +25,28 @@ def traced_cursor_class(tracer: trace.Tracer) -> type[AsyncCursor[Any]]:
     Only installed when tracing is on, so statements cost nothing extra otherwise.
     """
 
+    def span(query: Any, **attributes: Any) -> Any:
+        text = _text(query)
+        operation = (text.split(None, 1) or ["SQL"])[0].upper()
+        return tracer.start_as_current_span(
+            f"{operation} postgresql",
+            kind=SpanKind.CLIENT,
+            attributes={
+                DB.SYSTEM: "postgresql",
+                DB.OPERATION: operation,
+                DB.QUERY_TEXT: text[:MAX_QUERY_TEXT],
+                **attributes,
+            },
+        )
+
     class TracedCursor(AsyncCursor[Any]):
         async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> TracedCursor:
-            text = _text(query)
-            operation = (text.split(None, 1) or ["SQL"])[0].upper()
-            with tracer.start_as_current_span(
-                f"{operation} postgresql",
-                kind=SpanKind.CLIENT,
-                attributes={
-                    DB.SYSTEM: "postgresql",
-                    DB.OPERATION: operation,
-                    DB.QUERY_TEXT: text[:MAX_QUERY_TEXT],
-                },
-            ):
+            with span(query):
                 await super().execute(query, params, **kwargs)
             return self
 
         async def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
-            text = _text(query)
-            operation = (text.split(None, 1) or ["SQL"])[0].upper()
-            with tracer.start_as_current_span(
-                f"{operation} postgresql",
-                kind=SpanKind.CLIENT,
-                attributes={
-                    DB.SYSTEM: "postgresql",
-                    DB.OPERATION: operation,
-                    DB.QUERY_TEXT: text[:MAX_QUERY_TEXT],
-                    "db.operation.batch.size": len(params_seq),
-                },
-            ):
+            with span(query, **{"db.operation.batch.size": len(params_seq)}):
                 await super().executemany(query, params_seq, **kwargs)
 
     return TracedCursor
