@@ -11,6 +11,7 @@ from litestar import Litestar, Request, Response, get
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp
 from sse_starlette.sse import AppStatus
 
@@ -26,6 +27,7 @@ from .auth import Authenticator
 from .errors import exception_handlers
 from .lifecycle import Lifecycle, running_services
 from .limits import RateLimiter
+from .logs import quiet_content_loggers
 from .middleware import ObservabilityMiddleware
 from .settings import Settings
 from .telemetry import Telemetry, create_telemetry
@@ -47,6 +49,7 @@ def create_app(
         # sse-starlette would cut every stream, without a final event, as soon as uvicorn
         # begins to exit; the gateway's own drain ends streams properly instead.
         AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
+        quiet_content_loggers()
         # The server answers (/health 200, /ready 503) while the services come up, so a
         # database that is down at start is waited for instead of failing the process.
         async with contextlib.AsyncExitStack() as stack:
@@ -96,6 +99,15 @@ def create_app(
             version=__version__,
             path="/schema",
             render_plugins=[SwaggerRenderPlugin()],
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="An API key from QNA_API_KEYS, or a JWT (when configured).",
+                    )
+                }
+            ),
         ),
         logging_config=None,
     )
@@ -105,5 +117,10 @@ def create_app(
     app.state.auth = Authenticator.from_settings(settings)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     # Outside the exception handling and routing: sees every request and its final status.
-    app.asgi_handler = cast(ASGIApp, ObservabilityMiddleware(app.asgi_handler, telemetry))
+    app.asgi_handler = cast(
+        ASGIApp,
+        ObservabilityMiddleware(
+            app.asgi_handler, telemetry, max_header_bytes=settings.max_header_bytes
+        ),
+    )
     return app

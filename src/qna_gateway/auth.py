@@ -8,7 +8,7 @@ import hmac
 import ipaddress
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -56,14 +56,14 @@ class Authenticator:
     """Built once from settings; only SHA-256 hashes of the keys are kept."""
 
     enabled: bool
-    key_hashes: tuple[tuple[str, bytes], ...]
+    key_hashes: tuple[tuple[str, bytes], ...] = field(repr=False)
     admins: frozenset[str]
-    jwt_key: Any
+    jwt_key: Any = field(repr=False)
     jwt_algorithms: tuple[str, ...]
     jwks: jwt.PyJWKClient | None
     jwt_audience: str | None
     jwt_issuer: str | None
-    stream_key: bytes
+    stream_key: bytes = field(repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:

@@ -16,6 +16,7 @@ import msgspec
 import psycopg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from psycopg_pool import PoolTimeout
 
@@ -166,6 +167,30 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     )
 
 
+_STATUS_TEXT = {
+    400: "Malformed request (JSON, ids, cursor, Last-Event-ID, validation)",
+    401: "Missing or invalid credentials",
+    403: "The principal lacks the admin scope",
+    404: "No such chat or message (for this principal)",
+    409: "The chat is answering another question, or the message already ended",
+    413: "The body is larger than QNA_MAX_BODY_BYTES",
+    429: "Over a per-principal limit; see Retry-After and RateLimit-*",
+    431: "The request headers are too large",
+    503: "Draining, starting, a dependency down or a global cap reached; see Retry-After",
+}
+COMMON_PROBLEMS = (400, 401, 404, 413, 429, 431, 503)
+
+
+def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    """OpenAPI descriptions of the problem+json answers a route can give."""
+    return {
+        status: ResponseSpec(
+            Problem, description=_STATUS_TEXT[status], media_type=PROBLEM_JSON, examples=[]
+        )
+        for status in sorted({*COMMON_PROBLEMS, *statuses})
+    }
+
+
 exception_handlers: dict[type[Exception], Any] = {
     ProblemError: _on_problem,
     ValidationException: _on_validation,
@@ -184,4 +209,5 @@ __all__ = [
     "Unavailable",
     "exception_handlers",
     "problem_response",
+    "problem_responses",
 ]

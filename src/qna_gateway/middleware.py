@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -38,13 +39,19 @@ class ObservabilityMiddleware:
     """Wraps the app's ASGI handler (inside it routing has happened, so the route template is
     in the scope when the response starts)."""
 
-    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+    def __init__(self, app: ASGIApp, telemetry: Telemetry, *, max_header_bytes: int) -> None:
         self.app = app
         self.telemetry = telemetry
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+            # uvicorn/httptools set no limit of their own; the ingress should, too.
+            await _refuse_headers(send, self.max_header_bytes)
+            self.telemetry.metrics.http_requests.labels(scope["method"], UNMATCHED, "431").inc()
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         incoming = headers.get("x-request-id", "")
@@ -108,3 +115,25 @@ class ObservabilityMiddleware:
             span.end()
             otel_context.detach(token)
             request_id_var.reset(request_token)
+
+
+async def _refuse_headers(send: Any, limit: int) -> None:
+    body = json.dumps(
+        {
+            "status": 431,
+            "title": "Request header fields too large",
+            "detail": f"The request headers are larger than the limit of {limit} bytes.",
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 431,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

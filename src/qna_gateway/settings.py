@@ -73,6 +73,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 262_144
+    max_header_bytes: int = 32_768
 
     # Knowledge base: "tools" lets the model search; "prefetch" searches before the call.
     kb_dir: Path = Path("kb")
@@ -340,6 +341,9 @@ def _read(env: _Env) -> Settings:
         port=env.integer("QNA_PORT", defaults.port, minimum=0, maximum=65535),
         max_body_bytes=env.integer(
             "QNA_MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024, maximum=64 * 1024 * 1024
+        ),
+        max_header_bytes=env.integer(
+            "QNA_MAX_HEADER_BYTES", defaults.max_header_bytes, minimum=1024, maximum=1024 * 1024
         ),
         kb_dir=env.get("QNA_KB_DIR", Path, defaults.kb_dir, what="a path"),
         kb_mode=env.get("QNA_KB_MODE", _one_of(KbMode), defaults.kb_mode, what="tools or prefetch"),

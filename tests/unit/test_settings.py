@@ -109,6 +109,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("QNA_MAX_STREAMS", "500", "max_streams", 500),
     ("QNA_SSE_SEND_TIMEOUT_SECONDS", "5", "sse_send_timeout_seconds", 5.0),
     ("QNA_ROOT_PATH", "/qna", "root_path", "/qna"),
+    ("QNA_MAX_HEADER_BYTES", "8192", "max_header_bytes", 8192),
     ("OPENAI_BASE_URL", "http://127.0.0.1:9999/v1/", "openai_base_url", "http://127.0.0.1:9999/v1"),
     ("QNA_MODEL", "llama-3.1-8b", "model", "llama-3.1-8b"),
     ("QNA_SYSTEM_PROMPT", "Answer in French.", "system_prompt", "Answer in French."),

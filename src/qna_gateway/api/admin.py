@@ -6,7 +6,9 @@ from litestar import Controller, post
 from litestar.di import NamedDependency
 from msgspec import Struct
 
+from ..errors import problem_responses
 from ..lifecycle import Services
+from .deps import authenticate
 
 
 class SyncResult(Struct, kw_only=True):
@@ -20,8 +22,10 @@ class SyncResult(Struct, kw_only=True):
 class AdminController(Controller):
     path = "/v1/admin"
     tags = ["admin"]
+    security = [{"bearer": []}]
+    guards = [authenticate]
 
-    @post("/kb/sync", status_code=200)
+    @post("/kb/sync", status_code=200, responses=problem_responses(403))
     async def sync_knowledge_base(
         self, services: NamedDependency[Services], admin: NamedDependency[str]
     ) -> SyncResult:

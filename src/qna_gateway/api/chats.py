@@ -8,18 +8,21 @@ from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
+from ..errors import problem_responses
 from ..lifecycle import Services
 from ..schemas import Chat, ChatCreate, ChatPage
 from ..store import chats as store
 from ..store import messages as message_store
-from .deps import parse_uuid
+from .deps import authenticate, parse_uuid
 
 
 class ChatController(Controller):
     path = "/v1/chats"
     tags = ["chats"]
+    security = [{"bearer": []}]
+    guards = [authenticate]
 
-    @post("/", status_code=201)
+    @post("/", status_code=201, responses=problem_responses())
     async def create_chat(
         self,
         data: JSONBody[ChatCreate],
@@ -34,7 +37,7 @@ class ChatController(Controller):
         services.telemetry.metrics.chat_sessions.inc()
         return chat
 
-    @get("/")
+    @get("/", responses=problem_responses())
     async def list_chats(
         self,
         services: NamedDependency[Services],
@@ -46,7 +49,7 @@ class ChatController(Controller):
         async with services.pool.connection() as conn:
             return await store.list_chats(conn, principal=principal, cursor=cursor, limit=limit)
 
-    @get("/{chat_id:str}")
+    @get("/{chat_id:str}", responses=problem_responses())
     async def get_chat(
         self,
         chat_id: FromPath[str],
@@ -59,7 +62,7 @@ class ChatController(Controller):
                 conn, principal=principal, chat_id=parse_uuid(chat_id, "chat id")
             )
 
-    @delete("/{chat_id:str}", status_code=204)
+    @delete("/{chat_id:str}", status_code=204, responses=problem_responses())
     async def delete_chat(
         self,
         chat_id: FromPath[str],

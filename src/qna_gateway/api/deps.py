@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from uuid import UUID
 
 from litestar import Request
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.handlers.base import BaseRouteHandler
 
 from ..auth import Authenticator
 from ..errors import BadRequest, Unavailable
@@ -20,26 +23,36 @@ def provide_services(request: Request[Any, Any, Any]) -> Services:
     return lifecycle.services
 
 
-def provide_principal(request: Request[Any, Any, Any]) -> str:
-    """Who is asking (401 without valid credentials), counted against the rate limit.
+async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """A guard on every /v1 route: it runs before the body is read, so an anonymous request
+    learns nothing about its body's validity (401 first), and it counts the rate limit.
 
     An answer's stream also accepts the `token` its ask returned, since EventSource cannot
     send an Authorization header; the token opens that one stream only.
     """
-    auth: Authenticator = request.app.state.auth
-    token = request.query_params.get("token")
-    message_id = request.path_params.get("message_id")
+    auth: Authenticator = connection.app.state.auth
+    token = connection.query_params.get("token")
+    message_id = connection.path_params.get("message_id")
     if (
         token
         and message_id
-        and "authorization" not in request.headers
-        and str(request.scope.get("path_template", "")).endswith("/stream")
+        and "authorization" not in connection.headers
+        and str(connection.scope.get("path_template", "")).endswith("/stream")
     ):
         principal = auth.stream_principal(token, parse_uuid(str(message_id), "message id"))
+    elif auth.jwks is not None:
+        # The JWKS client may fetch keys over HTTP (blocking): not on the event loop.
+        principal = await asyncio.to_thread(auth.principal_of, connection.headers)
     else:
-        principal = auth.principal_of(request.headers)
+        principal = auth.principal_of(connection.headers)
     if auth.enabled:
-        request.app.state.rate_limiter.hit(principal)
+        connection.app.state.rate_limiter.hit(principal)
+    connection.state.principal = principal
+
+
+def provide_principal(request: Request[Any, Any, Any]) -> str:
+    """Who is asking, as the `authenticate` guard established."""
+    principal: str = request.state.principal
     return principal
 
 

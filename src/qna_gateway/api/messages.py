@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, cast
 
 from litestar import Controller, Request, Response, get, post
@@ -13,12 +13,12 @@ from litestar.types import ASGIApp
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ..auth import Authenticator
-from ..errors import BadRequest
+from ..errors import BadRequest, problem_responses
 from ..lifecycle import Services
 from ..schemas import AskAccepted, AskRequest, Message, MessagePage
 from ..store import messages as store
 from ..streams import Position, answer_events, parse_position
-from .deps import parse_uuid
+from .deps import authenticate, parse_uuid
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -40,9 +40,11 @@ def event_stream(
     position: Position | None,
     *,
     user_message: Message | None = None,
+    slot: Callable[[], None] | None = None,
 ) -> EventSourceResponse:
-    """The SSE response, holding one of the principal's stream slots while it is open."""
-    release = services.manager.stream_slots.acquire(principal)
+    """The SSE response, holding one of the principal's stream slots (`slot`, taken here
+    unless the caller already took it) while it is open."""
+    release = slot or services.manager.stream_slots.acquire(principal)
     events = answer_events(services.manager, message, position, user_message=user_message)
 
     async def holding_a_slot() -> AsyncIterator[bytes]:
@@ -75,8 +77,10 @@ def _wants_async(request: Request[Any, Any, Any]) -> bool:
 class MessageController(Controller):
     path = "/v1/chats/{chat_id:str}/messages"
     tags = ["messages"]
+    security = [{"bearer": []}]
+    guards = [authenticate]
 
-    @get("/")
+    @get("/", responses=problem_responses())
     async def list_messages(
         self,
         chat_id: FromPath[str],
@@ -100,8 +104,7 @@ class MessageController(Controller):
         status_code=200,
         responses={
             202: ResponseSpec(AskAccepted, description="`Prefer: respond-async`: stream later"),
-            409: ResponseSpec(None, description="The chat is answering another question"),
-            503: ResponseSpec(None, description="Draining; retry after `Retry-After`"),
+            **problem_responses(409),
         },
         response_description=(
             "`Accept: text/event-stream`: the answer's SSE stream; otherwise the completed "
@@ -119,11 +122,20 @@ class MessageController(Controller):
         """Ask a question. The answer runs on even if this connection goes away."""
         if not data.content.strip():
             raise BadRequest("content is blank.")
-        question, answer, turn = await services.manager.start_turn(
-            principal=principal, chat_id=parse_uuid(chat_id, "chat id"), content=data.content
-        )
-        if _wants_sse(request):
-            return asgi(event_stream(services, principal, answer, None, user_message=question))
+        # An SSE ask takes its stream slot first: over the cap, no answer is started.
+        slot = services.manager.stream_slots.acquire(principal) if _wants_sse(request) else None
+        try:
+            question, answer, turn = await services.manager.start_turn(
+                principal=principal, chat_id=parse_uuid(chat_id, "chat id"), content=data.content
+            )
+        except BaseException:
+            if slot is not None:
+                slot()
+            raise
+        if slot is not None:
+            return asgi(
+                event_stream(services, principal, answer, None, user_message=question, slot=slot)
+            )
         if _wants_async(request):
             # uvicorn already puts QNA_ROOT_PATH in front of the path; add it only if not.
             root_path = str(request.scope.get("root_path", ""))
@@ -151,7 +163,7 @@ class MessageController(Controller):
         assert turn.final is not None
         return asgi(Response(turn.final, status_code=200))
 
-    @get("/{message_id:str}")
+    @get("/{message_id:str}", responses=problem_responses())
     async def get_message(
         self,
         chat_id: FromPath[str],
@@ -170,7 +182,10 @@ class MessageController(Controller):
 
     @get(
         "/{message_id:str}/stream",
-        responses={204: ResponseSpec(None, description="Already received to the end")},
+        responses={
+            204: ResponseSpec(None, description="Already received to the end"),
+            **problem_responses(),
+        },
         response_description="The answer's SSE stream: replay after Last-Event-ID, then live.",
     )
     async def stream(
@@ -199,7 +214,7 @@ class MessageController(Controller):
             return asgi(Response(None, status_code=204))
         return asgi(event_stream(services, principal, message, position))
 
-    @post("/{message_id:str}/cancel", status_code=200)
+    @post("/{message_id:str}/cancel", status_code=200, responses=problem_responses(409))
     async def cancel(
         self,
         chat_id: FromPath[str],
