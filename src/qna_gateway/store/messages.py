@@ -196,33 +196,28 @@ async def streaming_message_of_chat(conn: AsyncConnection, *, chat_id: UUID) -> 
 async def append_text(
     conn: AsyncConnection, *, message_id: UUID, offset: int, text: str, notify: str
 ) -> bool:
-    """Append a batch at `offset`, and announce it in the same transaction.
+    """Append a batch at `offset` and announce it: one statement, one round trip, atomic.
 
     The offset guard makes a retried batch a no-op instead of doubled text; False means the
     stored text is not where the caller thinks (it then rewrites the whole text).
     """
-    async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE messages SET content = content || %s"
-            " WHERE id = %s AND status = 'streaming' AND char_length(content) = %s",
-            (text, message_id, offset),
-        )
-        if cur.rowcount != 1:
-            return False
-        await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
-    return True
+    cur = await conn.execute(
+        "WITH appended AS (UPDATE messages SET content = content || %s"
+        " WHERE id = %s AND status = 'streaming' AND char_length(content) = %s RETURNING id)"
+        " SELECT pg_notify(%s, %s) FROM appended",
+        (text, message_id, offset, EVENTS_CHANNEL, notify),
+    )
+    return await cur.fetchone() is not None
 
 
 async def rewrite_text(conn: AsyncConnection, *, message_id: UUID, text: str, notify: str) -> bool:
-    async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE messages SET content = %s WHERE id = %s AND status = 'streaming'",
-            (text, message_id),
-        )
-        if cur.rowcount != 1:
-            return False
-        await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
-    return True
+    cur = await conn.execute(
+        "WITH rewritten AS (UPDATE messages SET content = %s"
+        " WHERE id = %s AND status = 'streaming' RETURNING id)"
+        " SELECT pg_notify(%s, %s) FROM rewritten",
+        (text, message_id, EVENTS_CHANNEL, notify),
+    )
+    return await cur.fetchone() is not None
 
 
 async def finish_message(

@@ -26,7 +26,12 @@ def make_pool(
         timeout=timeout,
         open=False,
         name="qna-gateway",
-        kwargs={"cursor_factory": cursor_factory} if cursor_factory else None,
+        # Autocommit: a lone statement is its own transaction (no BEGIN/COMMIT round trips,
+        # which dominated the per-batch cost); multi-statement work uses conn.transaction().
+        kwargs={
+            "autocommit": True,
+            **({"cursor_factory": cursor_factory} if cursor_factory else {}),
+        },
         # A dead connection is dropped when it is handed out, not when a query fails on it.
         check=AsyncConnectionPool.check_connection,
     )
