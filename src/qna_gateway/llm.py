@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import httpx2
+import msgspec
 import openai
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -35,6 +37,44 @@ from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_too
 PREFETCH_NOTE = (
     "Passages from the knowledge base that may answer the question (cite their documents):\n"
 )
+
+
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _FunctionDelta | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _ChunkUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    """The parts of a chat.completion.chunk the gateway reads (unknown fields ignored)."""
+
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: _ChunkUsage | None = None
+    model: str | None = None
+    error: Any = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
 
 
 @dataclass
@@ -227,7 +267,10 @@ class OpenAIAnswerer:
             async with _limit(settings.llm_first_token_timeout_seconds, deadline, "first_token"):
                 # Once tool messages are in the conversation the tool must stay declared;
                 # tool_choice="none" is how the last round forbids another call.
-                stream = await self._client.chat.completions.create(
+                # The raw stream, parsed below with msgspec: the SDK's per-chunk pydantic
+                # models were the largest CPU cost of relaying (bench/results/profile.md).
+                # The client still does the request: base URL, auth, retries, status errors.
+                response_context = self._client.chat.completions.with_streaming_response.create(
                     model=settings.model,
                     messages=cast(Any, messages),
                     stream=True,
@@ -235,8 +278,9 @@ class OpenAIAnswerer:
                     tools=cast(Any, [SEARCH_TOOL]) if tools_mode else openai.omit,
                     tool_choice=("auto" if offer_tool else "none") if tools_mode else openai.omit,
                 )
-            async with stream:
-                chunks = stream.__aiter__()
+                response = await response_context.__aenter__()
+            try:
+                lines = response.iter_lines().__aiter__()
                 while True:
                     # Until the first text or tool call, the first-token limit runs (role-only
                     # chunks do not count); after it, the idle limit between chunks.
@@ -248,9 +292,20 @@ class OpenAIAnswerer:
                     )
                     try:
                         async with _limit(seconds, deadline, which):
-                            chunk = await chunks.__anext__()
+                            line = await lines.__anext__()
                     except StopAsyncIteration:
                         break
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, `event:` lines
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    chunk = _chunk_decoder.decode(payload)
+                    if chunk.error is not None:
+                        raise AnswerError(
+                            f"The LLM reported an error mid-stream: {_short(str(chunk.error))}",
+                            kind="stream_error",
+                        )
                     if result.first_chunk_at is None:
                         result.first_chunk_at = time.monotonic()
                     result.model = result.model or chunk.model
@@ -275,6 +330,20 @@ class OpenAIAnswerer:
                                     call.arguments.append(piece.function.arguments)
                         if choice.finish_reason is not None:
                             result.finish_reason = choice.finish_reason
+            finally:
+                await response_context.__aexit__(None, None, None)
+        except httpx2.TimeoutException:
+            raise AnswerError(
+                "The LLM stopped sending.", timeout=True, kind="upstream_idle_timeout"
+            ) from None
+        except httpx2.TransportError as exc:
+            raise AnswerError(
+                f"The connection to the LLM failed: {_short(str(exc))}", kind="connection"
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise AnswerError(
+                f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
+            ) from None
         except openai.APITimeoutError as exc:
             if type(exc.__cause__).__name__ == "ConnectTimeout":
                 raise AnswerError(
