@@ -1,0 +1,231 @@
+"""`python -m bench.profile_gateway`: where the gateway spends its CPU while relaying streams.
+
+Starts the same stack as `bench.run` (without LiteLLM), runs one window of paced (default) or
+zero-delay streams through the gateway, and samples the gateway with py-spy meanwhile
+(non-blocking, pinned to the load core). Writes bench/results/profile.svg (flame graph),
+profile.txt (collapsed stacks) and profile.md (the hottest functions and areas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from bench.options import RESULTS, options_from_args
+from bench.procs import pinned
+from bench.run import Bench, WindowRecord
+
+# Where a frame's file lives → the area of the stack it belongs to (first match wins).
+AREAS: Final = (
+    ("openai/", "openai client (SSE decode, chunk models)"),
+    ("httpx2/", "httpx2 / httpcore2 (upstream HTTP)"),
+    ("httpcore2/", "httpx2 / httpcore2 (upstream HTTP)"),
+    ("pydantic", "pydantic (chunk models)"),
+    ("sse_starlette/", "sse-starlette (event framing, send)"),
+    ("litestar/", "Litestar (routing, DI, request/response)"),
+    ("uvicorn/", "uvicorn (HTTP protocol)"),
+    ("psycopg_pool/", "psycopg pool"),
+    ("psycopg/", "psycopg (queries, NOTIFY)"),
+    ("prometheus_client/", "prometheus-client"),
+    ("opentelemetry/", "OpenTelemetry"),
+    ("qna_gateway/streams.py", "gateway: streams.py (SSE events)"),
+    ("qna_gateway/turns.py", "gateway: turns.py (relay, batching)"),
+    ("qna_gateway/llm.py", "gateway: llm.py (upstream loop)"),
+    ("qna_gateway/pubsub.py", "gateway: pubsub.py (LISTEN/NOTIFY)"),
+    ("qna_gateway/middleware.py", "gateway: middleware.py"),
+    ("qna_gateway/store/", "gateway: store/ (SQL)"),
+    ("qna_gateway/", "gateway: other modules"),
+    ("logging/", "logging"),
+    ("json/", "json"),
+    ("asyncio/", "asyncio (tasks, queues, timers)"),
+)
+
+
+def _stem(phase: str) -> str:
+    return "profile" if phase == "paced" else f"profile-{phase}"
+
+
+def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
+    stacks: list[tuple[list[str], int]] = []
+    for line in text.splitlines():
+        frames, _, count = line.rpartition(" ")
+        if frames and count.isdigit():
+            stacks.append((frames.split(";"), int(count)))
+    return stacks
+
+
+def _area(frame: str) -> str | None:
+    for needle, name in AREAS:
+        if needle in frame:
+            return name
+    return None
+
+
+def hotspots(stacks: list[tuple[list[str], int]], top: int = 25) -> str:
+    total = sum(n for _, n in stacks) or 1
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    for frames, n in stacks:
+        own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+        # A sample belongs to the innermost frame that has an area: who is doing the work.
+        for frame in reversed(frames):
+            area = _area(frame)
+            if area is not None:
+                areas[area] += n
+                break
+        else:
+            areas["other (interpreter, C code)"] += n
+
+    def table(title: str, counts: Counter[str], limit: int) -> list[str]:
+        rows = [f"| {title} | share of busy samples |", "|---|---:|"]
+        rows += [f"| `{name}` | {n / total:.1%} |" for name, n in counts.most_common(limit)]
+        return rows
+
+    parts = [
+        f"{total} busy samples (py-spy, idle time excluded).",
+        "",
+        "### By area (the innermost frame that belongs to a known package or module)",
+        "",
+        *table("area", areas, 30),
+        "",
+        "### Functions, self time",
+        "",
+        *table("function", own, top),
+        "",
+        "### Functions, inclusive time",
+        "",
+        *table("function", inclusive, top),
+    ]
+    return "\n".join(parts).replace("| `", "| ").replace("` |", " |")
+
+
+async def _profile(args: argparse.Namespace, work: Path) -> str:
+    levels = ["--levels", str(args.streams), "--zero-levels", ""]
+    if args.phase != "paced":
+        levels = ["--levels", "", "--zero-levels", str(args.streams)]
+    options = options_from_args(["--no-litellm", "--rounds", "1", *levels, *args.passthrough])
+    bench = Bench(options, work)
+    try:
+        await bench.start()
+        await bench.describe()
+        await bench.prepare_chats()
+        await bench.warm_up()
+        assert bench.upstream is not None
+        assert bench.gateway is not None
+        if args.phase == "paced":
+            await bench.upstream.use_paced()
+        if args.phase == "ask":
+            # The request path alone: one question after another, one-token answers.
+            record = WindowRecord(
+                0,
+                "zero",
+                0,
+                1,
+                "gateway",
+                streams_per_worker=args.streams,
+                fake={"tokens": 1},
+                expected_chunks=1,
+            )
+        else:
+            record = WindowRecord(0, args.phase, 0, args.streams, "gateway")
+        await bench.wait_quiet()
+        pid = str(bench.gateway.service.pid)
+        out = args.out_dir
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        common = [py_spy, "record", "--pid", pid, "--rate", str(args.rate), "--nonblocking"]
+        stem = _stem(args.phase)
+        outputs = (
+            ["-F", "-o", str(out / f"{stem}.svg")],
+            ["--nolineno", "-f", "raw", "-o", str(out / f"{stem}.txt")],
+        )
+        samplers = [
+            await asyncio.create_subprocess_exec(
+                *pinned([*common, *output], bench.pin_load),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            for output in outputs
+        ]
+        await asyncio.sleep(1.0)  # let py-spy attach before the load starts
+        await bench.run_window(record)
+        for sampler in samplers:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        for sampler in samplers:
+            await sampler.wait()
+    finally:
+        await bench.stop()
+    window = record.loadgen
+    chunks = int(window.get("chunks", 0) or 0)
+    cpu = record.cpu.get("gateway", 0.0)
+    loops = bench.meta.get("event_loops", {}).get("gateway", {})
+    stem = _stem(args.phase)
+    stacks = parse_collapsed((args.out_dir / f"{stem}.txt").read_text())
+    what = (
+        f"{args.streams} asks one after another (one-token answers)"
+        if args.phase == "ask"
+        else f"{args.streams} {args.phase} streams"
+    )
+    ttft = window.get("ttft_p50")
+    return "\n".join(
+        [
+            f"# Gateway profile: {what}",
+            "",
+            f"Reproduce: `python -m bench.profile_gateway --phase {args.phase}"
+            f" --streams {args.streams}`."
+            f" Gateway: {bench.meta.get('gateway_source')}.",
+            "",
+            f"- window: {record.wall:.1f} s, {chunks} tokens relayed, {window.get('errors')} "
+            f"errors; gateway CPU {cpu:.2f} s = {cpu / max(chunks, 1) * 1e6:.0f} µs per token "
+            f"({cpu / max(chunks, 1) * 1000:.3f} CPU-s per 1,000 tokens), "
+            f"{cpu / max(record.wall, 1e-9):.0%} of its core; other load "
+            f"{record.foreign_load:.2f} cores; TTFT p50 "
+            + (f"{ttft * 1000:.1f} ms" if isinstance(ttft, float) else "?"),
+            f"- event loop in the gateway process: "
+            f"{'uvloop' if loops.get('uvloop/loop.cpython') else 'asyncio'}"
+            f"{', HTTP parser httptools' if loops.get('httptools/parser') else ''}",
+            f"- flame graph: [{stem}.svg]({stem}.svg); collapsed stacks: {stem}.txt",
+            "",
+            hotspots(stacks),
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_gateway", description=__doc__)
+    parser.add_argument(
+        "--phase",
+        choices=("paced", "zero", "ask"),
+        default="paced",
+        help="ask: --streams questions one after another, one-token answers (the TTFT path)",
+    )
+    parser.add_argument("--streams", type=int, default=30)
+    parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "passthrough", nargs="*", help="further bench.run options (after --), e.g. --gateway-ref"
+    )
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="qna-profile-"))
+    text = asyncio.run(_profile(args, work))
+    (args.out_dir / f"{_stem(args.phase)}.md").write_text(text)
+    print(text)
+    subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
