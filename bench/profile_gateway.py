@@ -140,6 +140,8 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
             )
         else:
             record = WindowRecord(0, args.phase, 0, args.streams, "gateway")
+        # Every chat the window needs exists before sampling starts.
+        await bench.ensure_chats(record.level * record.streams_per_worker)
         await bench.wait_quiet()
         pid = str(bench.gateway.service.pid)
         out = args.out_dir

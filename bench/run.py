@@ -323,7 +323,7 @@ class Bench:
             ]
         return pinned(argv, self.pin_load)
 
-    async def _ensure_chats(self, needed: int) -> None:
+    async def ensure_chats(self, needed: int) -> None:
         """Chats beyond those made up front (high levels are often never reached)."""
         if len(self.chats) >= needed:
             return
@@ -337,7 +337,7 @@ class Bench:
     async def run_window(self, record: WindowRecord) -> None:
         out = self.work / f"window-{record.id}.jsonl"
         if record.config == "gateway":
-            await self._ensure_chats(record.level * record.streams_per_worker)
+            await self.ensure_chats(record.level * record.streams_per_worker)
         argv = self._loadgen_argv(record, out)
         dbcount = self.dbcount if record.config == "gateway" else None
         opened = None
