@@ -119,7 +119,6 @@ class Lifecycle:
     def __init__(self) -> None:
         self.services: Services | None = None
         self.startup_problem: str | None = None
-        self.started = asyncio.Event()
 
     async def bring_up(
         self,
@@ -138,7 +137,6 @@ class Lifecycle:
                 delay = min(delay * 2, 10.0)
                 continue
             self.startup_problem = None
-            self.started.set()
             log.info("ready")
             return
 

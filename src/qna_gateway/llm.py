@@ -332,18 +332,6 @@ class OpenAIAnswerer:
                             result.finish_reason = choice.finish_reason
             finally:
                 await response_context.__aexit__(None, None, None)
-        except httpx2.TimeoutException:
-            raise AnswerError(
-                "The LLM stopped sending.", timeout=True, kind="upstream_idle_timeout"
-            ) from None
-        except httpx2.TransportError as exc:
-            raise AnswerError(
-                f"The connection to the LLM failed: {_short(str(exc))}", kind="connection"
-            ) from None
-        except msgspec.DecodeError as exc:
-            raise AnswerError(
-                f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
-            ) from None
         except openai.APITimeoutError as exc:
             if type(exc.__cause__).__name__ == "ConnectTimeout":
                 raise AnswerError(
@@ -354,21 +342,31 @@ class OpenAIAnswerer:
             raise AnswerError(
                 "The LLM stopped sending.", timeout=True, kind="upstream_idle_timeout"
             ) from None
+        # Before the stream the SDK raises its own errors; once it flows, the raw stream's
+        # httpx2 errors and the chunk decoder's come through as they are.
+        except httpx2.TimeoutException:
+            raise AnswerError(
+                "The LLM stopped sending.", timeout=True, kind="upstream_idle_timeout"
+            ) from None
+        except (httpx2.TransportError, openai.APIConnectionError) as exc:
+            raise AnswerError(
+                f"The connection to the LLM failed: {_short(str(exc))}", kind="connection"
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise AnswerError(
+                f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
+            ) from None
         except openai.APIStatusError as exc:
             raise AnswerError(
                 f"The LLM answered HTTP {exc.status_code}: {_short(exc.message)}",
                 kind=str(exc.status_code),
-            ) from None
-        except openai.APIConnectionError as exc:
-            raise AnswerError(
-                f"The connection to the LLM failed: {_short(str(exc))}", kind="connection"
             ) from None
         except openai.APIError as exc:
             raise AnswerError(
                 f"The LLM's stream broke: {_short(str(exc))}", kind=type(exc).__name__
             ) from None
         except ValueError as exc:
-            # The openai client lets a malformed chunk's JSONDecodeError through as it is.
+            # Anything else undecodable on the way (msgspec.DecodeError is a ValueError too).
             raise AnswerError(
                 f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
             ) from None
