@@ -29,8 +29,8 @@ from .events import (
 )
 from .schemas import Delta, Message, MessageStarted
 from .store import messages as store
+from .store.pool import DB_ERRORS
 from .turn_manager import TurnManager
-from .turns import DB_ERRORS
 
 log = logging.getLogger(__name__)
 

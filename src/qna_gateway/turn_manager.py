@@ -20,9 +20,10 @@ from .pubsub import EventHub
 from .schemas import Message
 from .settings import Settings
 from .store import messages as store
-from .store.pool import Pool
+from .store.pool import DB_ERRORS, Pool
 from .telemetry import Telemetry
-from .turns import DB_ERRORS, Turn, TurnConfig
+from .text_writer import TextWriter
+from .turns import Turn, TurnConfig
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,14 @@ class TurnManager:
         self._turns: dict[UUID, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self.writer = TextWriter(
+            pool,
+            interval=settings.batch_interval_ms / 1000,
+            max_chars=settings.batch_max_chars,
+            metrics=telemetry.metrics,
+            tracer=telemetry.tracer,
+        )
         self._config = TurnConfig(
-            batch_interval=settings.batch_interval_ms / 1000,
-            batch_max_chars=settings.batch_max_chars,
             orphan_seconds=settings.orphan_seconds,
             log_content=settings.log_content,
         )
@@ -85,10 +91,12 @@ class TurnManager:
             )
         await self.recover_abandoned()
         await self.hub.start()
+        self.writer.start()
         self._heartbeat = asyncio.create_task(self._beat(), name="qna-heartbeat")
 
     async def stop(self) -> None:
-        """After drain: stop listening, forget this instance."""
+        """After drain: stop writing and listening, forget this instance."""
+        await self.writer.stop()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -183,6 +191,7 @@ class TurnManager:
             conversation=conversation,
             answerer=self.answerer,
             pool=self.pool,
+            writer=self.writer,
             config=self._config,
             telemetry=self.telemetry,
             on_done=self._forget,

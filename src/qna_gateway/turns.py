@@ -1,9 +1,9 @@
 """A turn: one answer being generated, owned by the app rather than by any HTTP connection.
 
-It streams from the answerer, publishes every piece to its in-process subscribers at once,
-writes the text to PostgreSQL in batches (time- and size-bounded) and announces each batch
-with NOTIFY for streams on other replicas. Whoever watches or leaves, the turn ends exactly
-once with a stored terminal status.
+It streams from the answerer and publishes every piece to its in-process subscribers at once;
+the process's `TextWriter` stores the text in batches (time- and size-bounded) and announces
+each batch with NOTIFY for streams on other replicas. Whoever watches or leaves, the turn ends
+exactly once with a stored terminal status.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Literal
 from uuid import UUID
 
 import msgspec
-import psycopg
+from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
-from psycopg_pool import PoolTimeout
+from psycopg import AsyncConnection
 
 from .answers import (
     Answerer,
@@ -44,21 +44,19 @@ from .events import (
 )
 from .schemas import Message, Source, Usage
 from .store import messages as store
-from .store.pool import Pool
+from .store.pool import DB_ERRORS, Pool
 from .telemetry import GenAI, Telemetry, chat_id_var, exemplar_of_current_span
+from .text_writer import TextWriter
 from .tools import SEARCH_TOOL_NAME, search_query_of
 
 log = logging.getLogger(__name__)
 
 Subscriber = asyncio.Queue[StreamEvent]
 StopStatus = Literal["cancelled", "interrupted"]
-DB_ERRORS = (psycopg.Error, PoolTimeout, OSError)
 
 
 @dataclass(frozen=True, slots=True)
 class TurnConfig:
-    batch_interval: float
-    batch_max_chars: int
     orphan_seconds: float
     final_write_seconds: float = 30.0
     log_content: bool = False
@@ -74,6 +72,7 @@ class Turn:
         conversation: list[ChatLine],
         answerer: Answerer,
         pool: Pool,
+        writer: TextWriter,
         config: TurnConfig,
         telemetry: Telemetry,
         on_done: Callable[[Turn], None],
@@ -82,6 +81,7 @@ class Turn:
         self._conversation = conversation
         self._answerer = answerer
         self._pool = pool
+        self._writer = writer
         self._config = config
         self._on_done = on_done
         self._telemetry = telemetry
@@ -93,13 +93,12 @@ class Turn:
         self._joined = ""
         self._length = 0
         self._flushed = 0
-        self._last_flush = 0.0
-        self._dirty = asyncio.Event()
-        # Flushes and tool-event writes take turns, so stored offsets stay in order.
+        # Batches, tool-event writes and the final write take turns, so stored offsets stay
+        # in order.
         self._write_lock = asyncio.Lock()
         self._tool_events: list[ToolEventRecord] = []
-        self._big = asyncio.Event()
         self._closing = False
+        self._span_context: trace.SpanContext | None = None
 
         self._subscribers: set[Subscriber] = set()
         self._orphan_timer: asyncio.TimerHandle | None = None
@@ -116,6 +115,14 @@ class Turn:
     @property
     def id(self) -> UUID:
         return self.message.id
+
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        return self._write_lock
+
+    @property
+    def span_context(self) -> trace.SpanContext | None:
+        return self._span_context
 
     @property
     def tool_events(self) -> list[ToolEventRecord]:
@@ -209,6 +216,7 @@ class Turn:
                 GenAI.REQUEST_MODEL: self._answerer.model,
             },
         ) as span:
+            self._span_context = span.get_span_context()
             await self._run()
             assert self.final is not None
             span.set_attribute("qna.message.status", self.final.status)
@@ -220,7 +228,6 @@ class Turn:
         self._started = time.monotonic()
         if not self._subscribers:
             self._arm_orphan_timer()
-        flusher = asyncio.create_task(self._flush_loop(), name=f"flush-{self.id}")
         status, finish_reason, error = "completed", "stop", None
         self._consumer = asyncio.create_task(self._consume(), name=f"answer-{self.id}")
         if self._stop is not None:
@@ -247,15 +254,13 @@ class Turn:
                 f"internal error: {type(exc).__name__}",
             )
         finally:
-            # Let a batch being written finish (cancelling it mid-query would cost the pool a
-            # connection); the final write below stores the whole text anyway.
+            # No more batches: the final write stores the whole text. A batch being written
+            # finishes first (the final write takes the lock after it).
             self._closing = True
-            self._dirty.set()
-            self._big.set()
-            with contextlib.suppress(Exception):
-                await flusher
+            self._writer.forget(self)
             self._disarm_orphan_timer()
-        await self._finish(status, finish_reason, error)
+        async with self._write_lock:
+            await self._finish(status, finish_reason, error)
 
     async def _consume(self) -> None:
         async for event in self._answerer.answer(self._conversation):
@@ -291,9 +296,7 @@ class Turn:
         self._parts.append(text)
         self._length += len(text)
         self._publish(TextAppended(start, text))
-        self._dirty.set()
-        if self._length - self._flushed >= self._config.batch_max_chars:
-            self._big.set()
+        self._writer.mark(self, self._length - self._flushed)
 
     async def _tool_event(self, name: str, data: dict[str, object]) -> None:
         record = ToolEventRecord(
@@ -317,32 +320,26 @@ class Turn:
 
     # -- persistence -------------------------------------------------------------------------
 
-    async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closing:
-            await self._dirty.wait()
-            if self._closing:
-                return
-            wait = self._last_flush + self._config.batch_interval - loop.time()
-            if wait > 0 and self._length - self._flushed < self._config.batch_max_chars:
-                self._big.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._big.wait(), wait)
-            self._dirty.clear()
-            self._big.clear()
-            await self._flush()
+    def pending(self) -> tuple[int, str] | None:
+        """For the writer: the offset and text not stored yet."""
+        if self._closing or self._length == self._flushed:
+            return None
+        return self._flushed, self.text[self._flushed :]
 
-    async def _flush(self) -> None:
-        async with self._write_lock:
-            await self._flush_unlocked()
+    def stored(self, end: int) -> None:
+        self._flushed = max(self._flushed, end)
+
+    async def not_applied(self) -> None:
+        """A batch found the stored text elsewhere than expected: store the whole text."""
+        async with self._pool.connection() as conn:
+            await self._rewrite(conn, self._length)
 
     async def _flush_unlocked(self) -> None:
+        """Store the text so far now (before a tool event), with the write lock held."""
         start, end = self._flushed, self._length
         if end == start:
             return
-        text = self.text
-        batch = text[start:end]
-        self._last_flush = asyncio.get_running_loop().time()
+        batch = self.text[start:end]
         try:
             async with self._pool.connection() as conn:
                 self._metrics.db_statements.labels("append").inc()
@@ -353,19 +350,20 @@ class Turn:
                     text=batch,
                     notify=text_notice(self.id, start, batch),
                 )
-                if not ok:
-                    self._metrics.db_statements.labels("rewrite").inc()
-                    ok = await store.rewrite_text(
-                        conn,
-                        message_id=self.id,
-                        text=text[:end],
-                        notify=text_notice(self.id, 0, ""),
-                    )
+                if ok:
+                    self._flushed = end
+                else:
+                    await self._rewrite(conn, end)
         except DB_ERRORS as exc:
-            # Keep the text in memory; the next flush (or the final write) tries again.
+            # Keep the text in memory; the writer's next round (or the final write) retries.
             log.warning("could not store text of answer %s yet: %s", self.id, exc)
-            self._dirty.set()
-            return
+            self._writer.mark(self, end - self._flushed)
+
+    async def _rewrite(self, conn: AsyncConnection, end: int) -> None:
+        self._metrics.db_statements.labels("rewrite").inc()
+        ok = await store.rewrite_text(
+            conn, message_id=self.id, text=self.text[:end], notify=text_notice(self.id, 0, "")
+        )
         if ok:
             self._flushed = end
         else:

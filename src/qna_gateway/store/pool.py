@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from psycopg import AsyncConnection, AsyncCursor
-from psycopg_pool import AsyncConnectionPool
+from psycopg import AsyncConnection, AsyncCursor, Error
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 Pool = AsyncConnectionPool[AsyncConnection]
+# What a statement can fail with when the database is away or slow: callers that can wait
+# (a batch, a heartbeat) catch these and try again later.
+DB_ERRORS = (Error, PoolTimeout, OSError)
 
 
 def make_pool(

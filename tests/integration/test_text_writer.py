@@ -1,0 +1,194 @@
+"""The text writer: every running answer's new text in one statement, announced per answer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from uuid import UUID, uuid4
+
+import psycopg
+import pytest
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
+
+from qna_gateway.events import parse_notice
+from qna_gateway.metrics import create_metrics
+from qna_gateway.store import messages as store
+from qna_gateway.store.migrations import apply_migrations
+from qna_gateway.store.pool import Pool, make_pool
+from qna_gateway.text_writer import TextWriter
+from tests.fixtures.db_proxy import DatabaseProxy
+
+
+class FakeTurn:
+    """Stands in for a Turn: text in memory, the part not stored yet, and what the writer did."""
+
+    def __init__(self, message_id: UUID) -> None:
+        self._id = message_id
+        self._lock = asyncio.Lock()
+        self.text = ""
+        self.flushed = 0
+        self.missed = 0
+
+    @property
+    def id(self) -> UUID:
+        return self._id
+
+    @property
+    def write_lock(self) -> asyncio.Lock:
+        return self._lock
+
+    @property
+    def span_context(self) -> trace.SpanContext | None:
+        return None
+
+    def pending(self) -> tuple[int, str] | None:
+        if self.flushed == len(self.text):
+            return None
+        return self.flushed, self.text[self.flushed :]
+
+    def stored(self, end: int) -> None:
+        self.flushed = end
+
+    async def not_applied(self) -> None:
+        self.missed += 1
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[Pool]:
+    await apply_migrations(database_url)
+    pool = make_pool(database_url, min_size=1, max_size=2, timeout=5)
+    await pool.open()
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def streaming_answer(conn: psycopg.AsyncConnection) -> UUID:
+    chat_id = uuid4()
+    await conn.execute("INSERT INTO chats (id, principal) VALUES (%s, 'writer-test')", (chat_id,))
+    _, answer, _ = await store.insert_exchange(
+        conn, principal="writer-test", chat_id=chat_id, content="q", model="m", owner_id=uuid4()
+    )
+    return answer.id
+
+
+async def content_of(conn: psycopg.AsyncConnection, message_id: UUID) -> str:
+    cur = await conn.execute("SELECT content FROM messages WHERE id = %s", (message_id,))
+    row = await cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+async def test_one_statement_stores_every_answer_and_announces_each(
+    pool: Pool, database_url: str
+) -> None:
+    registry = CollectorRegistry()
+    writer = TextWriter(
+        pool,
+        interval=60,
+        max_chars=10_000,
+        metrics=create_metrics(registry),
+        tracer=trace.NoOpTracer(),
+    )
+
+    def appends() -> float | None:
+        return registry.get_sample_value("db_statements_total", {"kind": "append"})
+
+    async with pool.connection() as conn:
+        turns = [FakeTurn(await streaming_answer(conn)) for _ in range(3)]
+    listener = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    await listener.execute(f"LISTEN {store.EVENTS_CHANNEL}")
+
+    for i, turn in enumerate(turns):
+        turn.text = f"answer {i}: first part. "
+        writer.mark(turn, len(turn.text))
+    await writer.write_dirty()
+
+    assert appends() == 1  # one for all three
+    notices = []
+    async with asyncio.timeout(5):
+        async for notify in listener.notifies():
+            notices.append(parse_notice(notify.payload))
+            if len(notices) == 3:
+                break
+    await listener.close()
+    assert {(n.m, n.o, n.t) for n in notices if n} == {(str(t.id), 0, t.text) for t in turns}
+
+    # Next round: more text on two of them; one was changed behind the writer's back, so its
+    # batch does not apply and goes back to its turn.
+    turns[0].text += "second part."
+    turns[1].text += "second part."
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE messages SET content = content || 'x' WHERE id = %s", (turns[1].id,)
+        )
+    for turn in turns:
+        writer.mark(turn, len(turn.text) - turn.flushed)
+    await writer.write_dirty()
+
+    async with pool.connection() as conn:
+        assert await content_of(conn, turns[0].id) == "answer 0: first part. second part."
+        assert await content_of(conn, turns[1].id) == "answer 1: first part. x"
+        assert await content_of(conn, turns[2].id) == "answer 2: first part. "
+    assert [t.missed for t in turns] == [0, 1, 0]
+    assert turns[0].flushed == len(turns[0].text)
+    assert turns[1].flushed < len(turns[1].text)
+    assert appends() == 2
+
+
+async def test_a_turn_busy_with_its_own_write_waits_for_the_next_round(pool: Pool) -> None:
+    writer = TextWriter(
+        pool,
+        interval=60,
+        max_chars=10_000,
+        metrics=create_metrics(CollectorRegistry()),
+        tracer=trace.NoOpTracer(),
+    )
+    async with pool.connection() as conn:
+        busy, free = FakeTurn(await streaming_answer(conn)), FakeTurn(await streaming_answer(conn))
+    for turn in (busy, free):
+        turn.text = "some text"
+        writer.mark(turn, len(turn.text))
+    async with busy.write_lock:
+        await writer.write_dirty()
+    assert (busy.flushed, free.flushed) == (0, len("some text"))
+    await writer.write_dirty()  # still dirty: taken now
+    assert busy.flushed == len("some text")
+    async with pool.connection() as conn:
+        assert await content_of(conn, busy.id) == "some text"
+
+
+async def test_database_away_keeps_the_text_for_the_next_round(
+    pool: Pool, database_url: str
+) -> None:
+    proxy = DatabaseProxy(database_url)
+    proxy.up()
+    via_proxy = make_pool(proxy.url, min_size=1, max_size=1, timeout=2)
+    await via_proxy.open(wait=True)
+    try:
+        writer = TextWriter(
+            via_proxy,
+            interval=60,
+            max_chars=10_000,
+            metrics=create_metrics(CollectorRegistry()),
+            tracer=trace.NoOpTracer(),
+        )
+        async with pool.connection() as conn:
+            turn = FakeTurn(await streaming_answer(conn))
+        turn.text = "kept"
+        writer.mark(turn, 4)
+        proxy.down()  # every connection cut
+        await writer.write_dirty()
+        assert turn.flushed == 0
+        proxy.up()
+        async with asyncio.timeout(10):
+            while turn.flushed == 0:  # the pool reconnects in the background
+                await writer.write_dirty()
+                await asyncio.sleep(0.1)
+        async with pool.connection() as conn:
+            assert await content_of(conn, turn.id) == "kept"
+    finally:
+        await via_proxy.close()
+        proxy.close()
