@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -263,6 +263,7 @@ class OpenAIAnswerer:
     ) -> AsyncIterator[AnswerEvent]:
         tools_mode = self._settings.kb_mode == "tools"
         settings = self._settings
+        started = time.monotonic()
         try:
             async with _limit(settings.llm_first_token_timeout_seconds, deadline, "first_token"):
                 # Once tool messages are in the conversation the tool must stay declared;
@@ -279,58 +280,37 @@ class OpenAIAnswerer:
                     tool_choice=("auto" if offer_tool else "none") if tools_mode else openai.omit,
                 )
                 response = await response_context.__aenter__()
+            watchdog = _Watchdog(
+                first_token=settings.llm_first_token_timeout_seconds,
+                idle=settings.llm_idle_timeout_seconds,
+                started=started,
+                deadline=deadline,
+            )
             try:
-                lines = response.iter_lines().__aiter__()
-                while True:
-                    # Until the first text or tool call, the first-token limit runs (role-only
-                    # chunks do not count); after it, the idle limit between chunks.
-                    waiting_first = not result.text and not result.calls
-                    seconds, which = (
-                        (settings.llm_first_token_timeout_seconds, "first_token")
-                        if waiting_first
-                        else (settings.llm_idle_timeout_seconds, "idle")
-                    )
+                # Raw bytes, split into lines here: one read often holds many events, and the
+                # layers of line iterators above it cost more than the parsing.
+                reads = response.http_response.aiter_bytes().__aiter__()
+                data_lines = DataLines()
+                done = False
+                while not done:
+                    watchdog.reading(waiting_first=not result.text and not result.calls)
                     try:
-                        async with _limit(seconds, deadline, which):
-                            line = await lines.__anext__()
+                        data = await reads.__anext__()
                     except StopAsyncIteration:
                         break
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, `event:` lines
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        break
-                    chunk = _chunk_decoder.decode(payload)
-                    if chunk.error is not None:
-                        raise AnswerError(
-                            f"The LLM reported an error mid-stream: {_short(str(chunk.error))}",
-                            kind="stream_error",
-                        )
-                    if result.first_chunk_at is None:
-                        result.first_chunk_at = time.monotonic()
-                    result.model = result.model or chunk.model
-                    if chunk.usage is not None:
-                        result.usage = Usage(
-                            input_tokens=chunk.usage.prompt_tokens,
-                            output_tokens=chunk.usage.completion_tokens,
-                        )
-                    for choice in chunk.choices:
-                        delta = choice.delta
-                        if delta.content:
-                            result.text.append(delta.content)
-                            yield TextDelta(delta.content)
-                        for piece in delta.tool_calls or ():
-                            call = result.calls.setdefault(piece.index, _PartialCall())
-                            if piece.id:
-                                call.call_id = piece.id
-                            if piece.function is not None:
-                                if piece.function.name:
-                                    call.name += piece.function.name
-                                if piece.function.arguments:
-                                    call.arguments.append(piece.function.arguments)
-                        if choice.finish_reason is not None:
-                            result.finish_reason = choice.finish_reason
+                    except asyncio.CancelledError:
+                        watchdog.raise_if_expired()
+                        raise
+                    finally:
+                        watchdog.read_done()
+                    for payload in data_lines.feed(data):
+                        if payload == b"[DONE]":
+                            done = True
+                            break
+                        for event in _read_chunk(_chunk_decoder.decode(payload), result):
+                            yield event
             finally:
+                watchdog.close()
                 await response_context.__aexit__(None, None, None)
         except openai.APITimeoutError as exc:
             if type(exc.__cause__).__name__ == "ConnectTimeout":
@@ -374,6 +354,54 @@ class OpenAIAnswerer:
             call.call_id = call.call_id or f"call_{index}"
 
 
+class DataLines:
+    """Splits a byte stream of SSE into the payloads of its `data:` lines, one per chunk (the
+    OpenAI protocol never spreads a chunk over several `data:` lines)."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if b"\r" in data:  # CRLF or CR line ends; a CRLF split between reads only adds a
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # blank line
+        lines = (self._rest + data).split(b"\n")
+        self._rest = lines.pop()
+        # Blank separators, comments and `event:` lines carry nothing here.
+        return [line[5:].strip() for line in lines if line.startswith(b"data:")]
+
+
+def _read_chunk(chunk: _Chunk, result: _Round) -> Iterator[AnswerEvent]:
+    """Fold one chunk into the round; its text comes out as it is."""
+    if chunk.error is not None:
+        raise AnswerError(
+            f"The LLM reported an error mid-stream: {_short(str(chunk.error))}",
+            kind="stream_error",
+        )
+    if result.first_chunk_at is None:
+        result.first_chunk_at = time.monotonic()
+    result.model = result.model or chunk.model
+    if chunk.usage is not None:
+        result.usage = Usage(
+            input_tokens=chunk.usage.prompt_tokens, output_tokens=chunk.usage.completion_tokens
+        )
+    for choice in chunk.choices:
+        delta = choice.delta
+        if delta.content:
+            result.text.append(delta.content)
+            yield TextDelta(delta.content)
+        for piece in delta.tool_calls or ():
+            call = result.calls.setdefault(piece.index, _PartialCall())
+            if piece.id:
+                call.call_id = piece.id
+            if piece.function is not None:
+                if piece.function.name:
+                    call.name += piece.function.name
+                if piece.function.arguments:
+                    call.arguments.append(piece.function.arguments)
+        if choice.finish_reason is not None:
+            result.finish_reason = choice.finish_reason
+
+
 _TIMEOUT_TEXT = {
     "first_token": ("The LLM sent no first token in time.", "upstream_first_token_timeout"),
     "idle": ("The LLM stopped sending in the middle of the answer.", "upstream_idle_timeout"),
@@ -394,6 +422,66 @@ async def _limit(seconds: float, deadline: float, which: str) -> AsyncIterator[N
     except TimeoutError:
         text, kind = _TIMEOUT_TEXT[which]
         raise AnswerError(text, timeout=True, kind=kind) from None
+
+
+class _Watchdog:
+    """The first-token, idle and total limits of one stream, kept by one timer that re-arms
+    itself, instead of a timeout set and cleared around every read.
+
+    Until the first text or tool call the first-token limit runs from the request (role-only
+    chunks do not count); after it, the idle limit runs from the start of each read. Only a
+    read is cut: time the consumer spends between reads is not the LLM's.
+    """
+
+    def __init__(self, *, first_token: float, idle: float, started: float, deadline: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        # `started` and `deadline` are on time.monotonic(); the loop's clock may differ
+        # (uvloop's is coarse).
+        now = self._loop.time()
+        offset = now - time.monotonic()
+        self._first_due = started + offset + first_token
+        self._idle = idle
+        self._deadline = deadline + offset
+        self._waiting_first = True
+        self._read_since: float | None = None
+        self._expired: str | None = None
+        self._handle = self._loop.call_at(self._due()[0], self._check)
+
+    def reading(self, *, waiting_first: bool) -> None:
+        self._waiting_first = waiting_first
+        self._read_since = self._loop.time()
+
+    def read_done(self) -> None:
+        self._read_since = None
+
+    def _due(self) -> tuple[float, str]:
+        if self._waiting_first:
+            when, which = self._first_due, "first_token"
+        else:
+            since = self._read_since if self._read_since is not None else self._loop.time()
+            when, which = since + self._idle, "idle"
+        return (self._deadline, "total") if self._deadline <= when else (when, which)
+
+    def _check(self) -> None:
+        when, which = self._due()
+        if self._read_since is not None and when <= self._loop.time():
+            self._expired = which
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(max(when, self._loop.time() + 0.01), self._check)
+
+    def raise_if_expired(self) -> None:
+        """In the read's CancelledError handler: our own cancel becomes the limit's error."""
+        if self._expired is not None and self._task.uncancel() == 0:
+            text, kind = _TIMEOUT_TEXT[self._expired]
+            self._expired = None
+            raise AnswerError(text, timeout=True, kind=kind) from None
+
+    def close(self) -> None:
+        self._handle.cancel()
 
 
 class CircuitBreaker:
