@@ -16,7 +16,6 @@ GATEWAY_PACKAGES: Final = (
     "uvicorn",
     "uvloop",
     "httptools",
-    "sse-starlette",
     "psycopg",
     "psycopg-binary",
     "psycopg-pool",

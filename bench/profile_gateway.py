@@ -30,7 +30,7 @@ AREAS: Final = (
     ("httpx2/", "httpx2 / httpcore2 (upstream HTTP)"),
     ("httpcore2/", "httpx2 / httpcore2 (upstream HTTP)"),
     ("pydantic", "pydantic (chunk models)"),
-    ("sse_starlette/", "sse-starlette (event framing, send)"),
+    ("qna_gateway/sse.py", "gateway: sse.py (event stream response)"),
     ("litestar/", "Litestar (routing, DI, request/response)"),
     ("uvicorn/", "uvicorn (HTTP protocol)"),
     ("psycopg_pool/", "psycopg pool"),

@@ -13,7 +13,6 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp
-from sse_starlette.sse import AppStatus
 
 from . import __version__
 from .answers import Answerer
@@ -27,7 +26,6 @@ from .auth import Authenticator
 from .errors import exception_handlers
 from .lifecycle import Lifecycle, running_services
 from .limits import RateLimiter
-from .logs import quiet_content_loggers
 from .middleware import ObservabilityMiddleware
 from .settings import Settings
 from .telemetry import Telemetry, create_telemetry
@@ -46,10 +44,6 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        # sse-starlette would cut every stream, without a final event, as soon as uvicorn
-        # begins to exit; the gateway's own drain ends streams properly instead.
-        AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
-        quiet_content_loggers()
         # The server answers (/health 200, /ready 503) while the services come up, so a
         # database that is down at start is waited for instead of failing the process.
         async with contextlib.AsyncExitStack() as stack:

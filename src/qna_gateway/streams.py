@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -139,7 +139,7 @@ async def answer_events(
     position: Position | None,
     *,
     user_message: Message | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """The event stream of one assistant message, from `position` to its terminal event.
 
     The first event carries the `retry:` hint; a hint alone would make some clients see an

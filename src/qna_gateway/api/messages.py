@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated, Any, cast
 
 from litestar import Controller, Request, Response, get, post
@@ -10,12 +10,12 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from litestar.types import ASGIApp
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ..auth import Authenticator
 from ..errors import BadRequest, problem_responses
 from ..lifecycle import Services
 from ..schemas import AskAccepted, AskRequest, Message, MessagePage
+from ..sse import EventStreamResponse
 from ..store import messages as store
 from ..streams import Position, answer_events, parse_position
 from .deps import authenticate, parse_uuid
@@ -29,10 +29,6 @@ def asgi(response: object) -> ASGIApp:
     return cast(ASGIApp, response)
 
 
-def _ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping", sep="\n")
-
-
 def event_stream(
     services: Services,
     principal: str,
@@ -41,27 +37,17 @@ def event_stream(
     *,
     user_message: Message | None = None,
     slot: Callable[[], None] | None = None,
-) -> EventSourceResponse:
+) -> EventStreamResponse:
     """The SSE response, holding one of the principal's stream slots (`slot`, taken here
     unless the caller already took it) while it is open."""
     release = slot or services.manager.stream_slots.acquire(principal)
-    events = answer_events(services.manager, message, position, user_message=user_message)
-
-    async def holding_a_slot() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in events:
-                yield chunk
-        finally:
-            release()
-
-    return EventSourceResponse(
-        holding_a_slot(),
+    return EventStreamResponse(
+        answer_events(services.manager, message, position, user_message=user_message),
         headers=SSE_HEADERS,
-        ping=services.settings.sse_ping_seconds,
-        ping_message_factory=_ping,
-        sep="\n",
+        ping_seconds=services.settings.sse_ping_seconds,
         # A client that stops reading is dropped instead of buffering without end.
         send_timeout=services.settings.sse_send_timeout_seconds,
+        on_close=release,
     )
 
 
