@@ -278,7 +278,9 @@ class _Stats:
         "aborted",
         "active",
         "chunks",
+        "clients",
         "completed",
+        "connections",
         "disconnects",
         "faults",
         "last_headers",
@@ -289,6 +291,8 @@ class _Stats:
 
     def __init__(self) -> None:
         self.requests = 0  # chat-completion requests received, valid or not
+        self.connections = 0  # distinct client connections those came on (reuse shows here)
+        self.clients: set[tuple[str, int]] = set()
         self.streams = 0  # streaming responses started
         self.completed = 0  # responses finished normally ([DONE] for streams)
         self.chunks = 0  # chat.completion.chunk events sent
@@ -302,7 +306,7 @@ class _Stats:
         self.last_headers: dict[str, str] = {}
 
     def as_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__slots__}
+        out = {name: getattr(self, name) for name in self.__slots__ if name != "clients"}
         out["faults"] = dict(self.faults)
         out["last_headers"] = dict(self.last_headers)
         return out
@@ -499,6 +503,10 @@ class FakeUpstreamApp:
             return
         stats = self.stats
         stats.requests += 1
+        client = scope.get("client")
+        if client and tuple(client) not in stats.clients:
+            stats.clients.add(tuple(client))
+            stats.connections += 1
         stats.last_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             request = msgspec.json.decode(body)

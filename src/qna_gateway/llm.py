@@ -34,6 +34,9 @@ from .settings import Settings
 from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
 
+# How long to wait for the end of a body after [DONE] before giving its connection up.
+FINISH_READING_SECONDS = 2.0
+
 PREFETCH_NOTE = (
     "Passages from the knowledge base that may answer the question (cite their documents):\n"
 )
@@ -311,7 +314,14 @@ class OpenAIAnswerer:
                             yield event
             finally:
                 watchdog.close()
-                await response_context.__aexit__(None, None, None)
+                if done:
+                    # The body's end usually follows [DONE] at once; read it in the background
+                    # so the connection goes back to the pool without holding up the answer.
+                    task = asyncio.create_task(_finish_reading(reads, response_context))
+                    _finishing.add(task)
+                    task.add_done_callback(_finishing.discard)
+                else:
+                    await response_context.__aexit__(None, None, None)
         except openai.APITimeoutError as exc:
             if type(exc.__cause__).__name__ == "ConnectTimeout":
                 raise AnswerError(
@@ -352,6 +362,25 @@ class OpenAIAnswerer:
             ) from None
         for index, call in result.calls.items():
             call.call_id = call.call_id or f"call_{index}"
+
+
+_finishing: set[asyncio.Task[None]] = set()
+
+
+async def _finish_reading(
+    reads: AsyncIterator[bytes], response: contextlib.AbstractAsyncContextManager[Any]
+) -> None:
+    """Read what follows [DONE] to the body's end, then release the response: closing it
+    unread would close its connection too, and the next ask would pay for a new one."""
+    try:
+        async with asyncio.timeout(FINISH_READING_SECONDS):
+            async for _ in reads:
+                pass
+    except Exception:  # noqa: S110 - the answer is complete; this only saves a connection
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            await response.__aexit__(None, None, None)
 
 
 class DataLines:

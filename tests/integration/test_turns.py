@@ -310,3 +310,19 @@ async def test_circuit_breaker_fails_fast_and_recovers(
     await asyncio.sleep(0.6)  # the cooldown itself is what is tested: time has to pass
     recovered = (await gw.client.post(url, json={"content": "Q"})).json()
     assert recovered["status"] == "completed"
+
+
+async def test_answers_reuse_the_upstream_connection(
+    llm_gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    """One keep-alive connection serves answer after answer: no TCP (or TLS) set-up per ask."""
+    upstream.set_scenario(tokens=5)
+    for _ in range(5):
+        chat_id = await llm_gateway.create_chat()
+        events = await stream_events(
+            llm_gateway.client, "POST", f"/v1/chats/{chat_id}/messages", json={"content": "Hi"}
+        )
+        assert events[-1].event == "message.completed"
+    stats = upstream.stats()
+    assert stats["requests"] == 5
+    assert stats["connections"] == 1
