@@ -192,3 +192,27 @@ async def test_database_away_keeps_the_text_for_the_next_round(
     finally:
         await via_proxy.close()
         proxy.close()
+
+
+async def test_a_connection_the_server_closed_is_replaced_at_checkout(database_url: str) -> None:
+    """The pool's check costs no round trip, yet a connection the server ended is not handed
+    out (the statement on it would fail)."""
+    pool = make_pool(database_url, min_size=1, max_size=1, timeout=5)
+    await pool.open(wait=True)
+    try:
+        async with pool.connection() as conn:
+            pid = conn.info.backend_pid
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            async with asyncio.timeout(5):  # until the server has really ended it
+                while await (
+                    await admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+                ).fetchone():
+                    await asyncio.sleep(0.02)
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT pg_backend_pid()")
+            row = await cur.fetchone()
+            assert row is not None
+            assert row[0] != pid
+    finally:
+        await pool.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 from typing import Any
 
 from psycopg import AsyncConnection, AsyncCursor, Error
@@ -36,5 +37,20 @@ def make_pool(
             **({"cursor_factory": cursor_factory} if cursor_factory else {}),
         },
         # A dead connection is dropped when it is handed out, not when a query fails on it.
-        check=AsyncConnectionPool.check_connection,
+        check=check_if_spoken,
     )
+
+
+async def check_if_spoken(conn: AsyncConnection) -> None:
+    """The pool's check on handing a connection out, without a round trip per checkout.
+
+    An idle pooled connection has nothing to read unless the server closed it (a restart, an
+    idle timeout, a proxy cut) or sent it a notice: only then is it tested with a query, and
+    the pool drops it if that fails. A round trip on every checkout cost more than the
+    statement it guarded.
+    """
+    if conn.closed:
+        raise OSError("the connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        await AsyncConnectionPool.check_connection(conn)
