@@ -51,6 +51,7 @@ async def check_if_spoken(conn: AsyncConnection) -> None:
     """
     if conn.closed:
         raise OSError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    poller = select.poll()  # not select(): descriptors past 1024 are common under load
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
         await AsyncConnectionPool.check_connection(conn)
