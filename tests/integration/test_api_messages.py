@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -426,6 +427,32 @@ async def test_cancel_of_an_unknown_message_is_404(gateway: Gateway) -> None:
 
 
 # -- one question at a time (a slow fake LLM keeps the first answer running) -------------------
+
+
+async def test_asks_racing_on_one_chat_start_one_answer_and_refuse_the_rest(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    chat_id = await llm_gateway.create_chat()
+    responses = await asyncio.gather(
+        *(
+            llm_gateway.client.post(
+                messages_url(chat_id),
+                json={"content": f"Question {i} {NEVER_ANSWERS}"},
+                headers={"Prefer": "respond-async"},
+            )
+            for i in range(8)
+        )
+    )
+    accepted = [r for r in responses if r.status_code == 202]
+    assert len(accepted) == 1, [r.status_code for r in responses]
+    running = accepted[0].json()["assistant_message"]["id"]
+    for response in responses:
+        if response is not accepted[0]:
+            assert_problem(response, 409, running)
+    cur = await db.execute(
+        "SELECT role, status FROM messages WHERE chat_id = %s ORDER BY seq", (chat_id,)
+    )
+    assert await cur.fetchall() == [("user", "completed"), ("assistant", "streaming")]
 
 
 async def test_second_ask_while_answering_is_409_until_cancelled(

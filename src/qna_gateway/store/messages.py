@@ -57,46 +57,73 @@ async def insert_exchange(
     model: str,
     owner_id: UUID,
 ) -> tuple[Message, Message, int]:
-    """Store the question and an empty `streaming` answer in one transaction.
+    """Store the question and an empty `streaming` answer: one statement, one round trip.
 
-    Returns both and the question's seq (history is what came before it). The partial unique
-    index on streaming messages turns a concurrent second ask, on any replica, into a 409.
+    Returns both and the question's seq (history is what came before it). The chat row is
+    locked first, so asks on one chat queue; a second ask while one streams is a 409, and the
+    partial unique index on streaming messages makes a race between replicas one too.
     """
-    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            "SELECT id FROM chats WHERE id = %s AND principal = %s FOR UPDATE",
-            (chat_id, principal),
-        )
-        if await cur.fetchone() is None:
-            raise NotFound(f"There is no chat {chat_id}.")
-        await cur.execute(
-            "SELECT id FROM messages WHERE chat_id = %s AND status = 'streaming'", (chat_id,)
-        )
-        running = await cur.fetchone()
-        if running is not None:
-            raise _busy(chat_id, running["id"])
+    async with conn.cursor(row_factory=dict_row) as cur:
         try:
-            await cur.execute(
-                "INSERT INTO messages AS m (id, chat_id, role, content, status)"
-                " VALUES (%s, %s, 'user', %s, 'completed')"
-                f" RETURNING {_COLUMNS}",
-                (uuid4(), chat_id, content),
-            )
-            question = await cur.fetchone()
-            await cur.execute(
-                "INSERT INTO messages AS m (id, chat_id, role, status, model, owner_id)"
-                " VALUES (%s, %s, 'assistant', 'streaming', %s, %s)"
-                f" RETURNING {_COLUMNS}",
-                (uuid4(), chat_id, model, owner_id),
-            )
-            answer = await cur.fetchone()
+            await cur.execute(_INSERT_EXCHANGE, {
+                "chat_id": chat_id,
+                "principal": principal,
+                "question_id": uuid4(),
+                "answer_id": uuid4(),
+                "content": content,
+                "model": model,
+                "owner_id": owner_id,
+            })  # fmt: skip
+            rows = await cur.fetchall()
         except errors.UniqueViolation:
-            # Lost a race the FOR UPDATE above should prevent; keep the contract anyway.
+            # Another ask committed its answer while this one waited for the chat's lock.
+            running = await _running_answer(conn, chat_id)
+            if running is not None:
+                raise _busy(chat_id, running) from None
             raise Conflict(f"Chat {chat_id} is already answering a question.") from None
-        await cur.execute("UPDATE chats SET updated_at = now() WHERE id = %s", (chat_id,))
-    assert question is not None
-    assert answer is not None
+    first = rows[0]
+    if not first["chat_found"]:
+        raise NotFound(f"There is no chat {chat_id}.")
+    if first["running_id"] is not None:
+        raise _busy(chat_id, first["running_id"])
+    question, answer = rows
     return message_from_row(question), message_from_row(answer), question["seq"]
+
+
+_INSERT_EXCHANGE = f"""
+WITH chat AS MATERIALIZED (
+    SELECT id FROM chats WHERE id = %(chat_id)s AND principal = %(principal)s FOR UPDATE
+), running AS MATERIALIZED (
+    SELECT m.id FROM messages AS m, chat
+    WHERE m.chat_id = chat.id AND m.status = 'streaming' LIMIT 1
+), question AS (
+    INSERT INTO messages AS m (id, chat_id, role, content, status)
+    SELECT %(question_id)s, chat.id, 'user', %(content)s, 'completed' FROM chat
+    WHERE NOT EXISTS (SELECT 1 FROM running)
+    RETURNING {_COLUMNS}
+), answer AS (
+    INSERT INTO messages AS m (id, chat_id, role, status, model, owner_id)
+    SELECT %(answer_id)s, question.chat_id, 'assistant', 'streaming', %(model)s, %(owner_id)s
+    FROM question
+    RETURNING {_COLUMNS}
+), touched AS (
+    UPDATE chats SET updated_at = now() WHERE id IN (SELECT chat_id FROM answer)
+)
+SELECT flags.*, exchange.*
+FROM (
+    SELECT EXISTS (SELECT 1 FROM chat) AS chat_found, (SELECT id FROM running) AS running_id
+) AS flags
+LEFT JOIN (SELECT * FROM question UNION ALL SELECT * FROM answer) AS exchange ON true
+ORDER BY exchange.seq
+"""
+
+
+async def _running_answer(conn: AsyncConnection, chat_id: UUID) -> UUID | None:
+    cur = await conn.execute(
+        "SELECT id FROM messages WHERE chat_id = %s AND status = 'streaming'", (chat_id,)
+    )
+    row = await cur.fetchone()
+    return row[0] if row else None
 
 
 def _busy(chat_id: UUID, message_id: UUID) -> Conflict:
