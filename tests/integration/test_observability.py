@@ -116,7 +116,12 @@ async def test_one_ask_is_one_trace_with_http_llm_tool_and_db_spans(
 
     db = [s for s in trace if s.attributes.get("db.system.name") == "postgresql"]
     operations = {s.attributes["db.operation.name"] for s in db}
-    assert {"INSERT", "UPDATE", "SELECT", "WITH"} <= operations
+    assert {"SELECT", "WITH"} <= operations
+    texts = [s.attributes["db.query.text"] for s in db]
+    assert any("INSERT INTO messages" in t for t in texts), "the ask's insert"
+    assert any("status = 'streaming' RETURNING" in t and "completed_at" in t for t in texts), (
+        "the final write"
+    )
     search = [s for s in db if s.parent_span_id == tool.span_id]
     assert search, "the knowledge-base query is a child of the tool span"
     for span in db:

@@ -286,13 +286,15 @@ async def finish_message(
     tool_events: list[Any] | None = None,
     notify: str,
 ) -> Message | None:
-    """Write the final text and status, once: a message that already ended is left alone."""
-    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+    """Write the final text and status, once (a message that already ended is left alone),
+    and announce it: one statement."""
+    async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            "UPDATE messages AS m SET content = %s, status = %s, finish_reason = %s, error = %s,"
-            " input_tokens = %s, output_tokens = %s, sources = %s, completed_at = now(),"
-            " tool_events = coalesce(%s, tool_events)"
-            f" WHERE id = %s AND status = 'streaming' RETURNING {_COLUMNS}",
+            "WITH finished AS (UPDATE messages AS m SET content = %s, status = %s,"
+            " finish_reason = %s, error = %s, input_tokens = %s, output_tokens = %s,"
+            " sources = %s, completed_at = now(), tool_events = coalesce(%s, tool_events)"
+            f" WHERE id = %s AND status = 'streaming' RETURNING {_COLUMNS})"
+            f" SELECT {_COLUMNS}, pg_notify(%s, %s) AS announced FROM finished AS m",
             (
                 text,
                 status,
@@ -303,25 +305,23 @@ async def finish_message(
                 Jsonb(msgspec.to_builtins(sources)) if sources is not None else None,
                 Jsonb(tool_events) if tool_events is not None else None,
                 message_id,
+                EVENTS_CHANNEL,
+                notify,
             ),
         )
         row = await cur.fetchone()
-        if row is None:
-            return None
-        await cur.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
-    return message_from_row(row)
+    return message_from_row(row) if row is not None else None
 
 
 async def append_tool_event(
     conn: AsyncConnection, *, message_id: UUID, record: Any, notify: str
 ) -> None:
-    async with conn.transaction():
-        await conn.execute(
-            "UPDATE messages SET tool_events = tool_events || %s"
-            " WHERE id = %s AND status = 'streaming'",
-            (Jsonb([record]), message_id),
-        )
-        await conn.execute("SELECT pg_notify(%s, %s)", (EVENTS_CHANNEL, notify))
+    await conn.execute(
+        "WITH appended AS (UPDATE messages SET tool_events = tool_events || %s"
+        " WHERE id = %s AND status = 'streaming' RETURNING id)"
+        " SELECT pg_notify(%s, %s) FROM appended",
+        (Jsonb([record]), message_id, EVENTS_CHANNEL, notify),
+    )
 
 
 async def read_answer(
