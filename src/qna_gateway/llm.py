@@ -33,6 +33,7 @@ from .schemas import Usage
 from .settings import Settings
 from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
+from .upstream_net import use_asyncio_backend
 
 # How long to wait for the end of a body after [DONE] before giving its connection up.
 FINISH_READING_SECONDS = 2.0
@@ -115,8 +116,14 @@ class OpenAIAnswerer:
         self._kb = kb
         self._telemetry = telemetry
         self._provider = provider_name(settings.openai_base_url)
+        # As many connections as answers run (each streams on its own); a hundred kept idle.
+        transport = httpx2.AsyncHTTPTransport(
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)
+        )
+        use_asyncio_backend(transport)
         self._client = openai.AsyncOpenAI(
             api_key=key,
+            http_client=openai.DefaultAsyncHttpxClient(transport=transport),
             base_url=settings.openai_base_url,
             max_retries=settings.llm_max_retries,
             # The first-token and idle limits are enforced per chunk below, each with its own

@@ -73,7 +73,7 @@ async def test_one_ask_is_one_trace_with_http_llm_tool_and_db_spans(
         OTEL_SERVICE_NAME="qna-test",
     )
     events = await ask_once(proc.base_url, upstream, traceparent=TRACEPARENT)
-    assert events[-1].event == "message.completed"
+    assert events[-1].event == "message.completed", events[-1].data["error"]
     stop_gracefully(proc)  # the batch exporter flushes on the way out
 
     trace = [s for s in otlp.spans if s.trace_id == TRACE_ID]
