@@ -422,9 +422,11 @@ def _read_chunk(chunk: _Chunk, result: _Round) -> Iterator[AnswerEvent]:
         )
     for choice in chunk.choices:
         delta = choice.delta
-        if delta.content:
-            result.text.append(delta.content)
-            yield TextDelta(delta.content)
+        if text := delta.content:
+            if "\x00" in text:  # PostgreSQL text cannot hold NUL: it could never be stored
+                text = text.replace("\x00", "\ufffd")
+            result.text.append(text)
+            yield TextDelta(text)
         for piece in delta.tool_calls or ():
             call = result.calls.setdefault(piece.index, _PartialCall())
             if piece.id:

@@ -109,7 +109,12 @@ class TextWriter:
             self._wake.clear()
             self._full.clear()
             self._last = loop.time()
-            await self.write_dirty()
+            try:
+                await self.write_dirty()
+            except Exception:
+                # One writer serves every answer: whatever went wrong, it must go on (the
+                # text stays in memory and the final writes store it).
+                log.exception("the text writer's round failed")
 
     async def write_dirty(self) -> None:
         """One statement for every dirty turn that is free to write now."""
@@ -146,7 +151,7 @@ class TextWriter:
                     applied = await store.append_batches(
                         conn,
                         [
-                            (turn.id, start, text, text_notice(turn.id, start, text))
+                            store.TextBatch(turn.id, start, text, text_notice(turn.id, start, text))
                             for turn, start, _, text in taken
                         ],
                     )

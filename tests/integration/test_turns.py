@@ -326,3 +326,18 @@ async def test_answers_reuse_the_upstream_connection(
     stats = upstream.stats()
     assert stats["requests"] == 5
     assert stats["connections"] == 1
+
+
+async def test_a_nul_from_the_llm_is_replaced_so_the_answer_can_be_stored(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    upstream.set_scenario(text="before \x00 after and more words to batch")
+    chat_id = await llm_gateway.create_chat()
+    events = await stream_events(
+        llm_gateway.client, "POST", f"/v1/chats/{chat_id}/messages", json={"content": "Hi"}
+    )
+    assert events[-1].event == "message.completed"
+    expected = "before \ufffd after and more words to batch"
+    assert deltas_text(events) == expected
+    row = await stored(db, events[-1].data["id"])
+    assert (row["status"], row["content"]) == ("completed", expected)
