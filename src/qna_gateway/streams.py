@@ -88,9 +88,12 @@ class _Cursor:
         self.offset = offset
         self.tools = tools
         self.gap = False
+        self._tag = _tag(message_id)  # formatting the UUID per event showed in profiles
 
     def _id(self, *, end: bool = False) -> str:
-        return event_id(self.message_id, self.offset, self.tools, end=end)
+        return f"{self._tag}.{self.offset}{f'.t{self.tools}' if self.tools else ''}" + (
+            ".end" if end else ""
+        )
 
     def text(self, start: int, text: str) -> Iterator[bytes]:
         end = start + len(text)
