@@ -22,6 +22,7 @@ _propagator = TraceContextTextMapPropagator()
 _TYPED_PARAM = re.compile(r"\{(\w+):\w+\}")
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 UNMATCHED = "unmatched"
+RAW_SEND = "qna.raw_send"
 
 Scope = dict[str, Any]
 ASGIApp = Any
@@ -82,6 +83,9 @@ class ObservabilityMiddleware:
                 ]
             await send(message)
 
+        # The server's own send, for a streaming response's body messages: they need nothing
+        # from the layers in between (this one and Litestar's only look at the start).
+        scope[RAW_SEND] = send
         try:
             await self.app(scope, receive, send_with_request_id)
         finally:
