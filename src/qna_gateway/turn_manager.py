@@ -169,7 +169,7 @@ class TurnManager:
         self.tokens.check(principal)
         release = self.turn_slots.acquire(principal)
         try:
-            question, answer, _, history = await self._store_question(
+            question, answer, history = await self._store_question(
                 principal=principal, chat_id=chat_id, content=content
             )
         except BaseException:
@@ -204,23 +204,17 @@ class TurnManager:
 
     async def _store_question(
         self, *, principal: str, chat_id: UUID, content: str
-    ) -> tuple[Message, Message, int, list[tuple[str, str]]]:
+    ) -> tuple[Message, Message, list[tuple[str, str]]]:
         async with self.pool.connection() as conn:
-            question, answer, seq = await store.insert_exchange(
+            return await store.insert_exchange(
                 conn,
                 principal=principal,
                 chat_id=chat_id,
                 content=content,
                 model=self.answerer.model,
                 owner_id=self.instance_id,
+                history_chars=self.settings.history_budget_chars,
             )
-            history = await store.load_history(
-                conn,
-                chat_id=chat_id,
-                before_seq=seq,
-                budget_chars=self.settings.history_budget_chars,
-            )
-        return question, answer, seq, history
 
     def local(self, message_id: UUID) -> Turn | None:
         return self._turns.get(message_id)

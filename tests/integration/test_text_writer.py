@@ -69,7 +69,13 @@ async def streaming_answer(conn: psycopg.AsyncConnection) -> UUID:
     chat_id = uuid4()
     await conn.execute("INSERT INTO chats (id, principal) VALUES (%s, 'writer-test')", (chat_id,))
     _, answer, _ = await store.insert_exchange(
-        conn, principal="writer-test", chat_id=chat_id, content="q", model="m", owner_id=uuid4()
+        conn,
+        principal="writer-test",
+        chat_id=chat_id,
+        content="q",
+        model="m",
+        owner_id=uuid4(),
+        history_chars=0,
     )
     return answer.id
 

@@ -56,10 +56,14 @@ async def insert_exchange(
     content: str,
     model: str,
     owner_id: UUID,
-) -> tuple[Message, Message, int]:
-    """Store the question and an empty `streaming` answer: one statement, one round trip.
+    history_chars: int,
+) -> tuple[Message, Message, list[tuple[str, str]]]:
+    """Store the question and an empty `streaming` answer, and read the history the model
+    gets: one statement, one round trip.
 
-    Returns both and the question's seq (history is what came before it). The chat row is
+    The history is the newest (role, content) pairs before the question whose text fits in
+    `history_chars`, oldest first; empty answers (failed before any text) carry nothing for
+    the model and are left out. The chat row is
     locked first, so asks on one chat queue; a second ask while one streams is a 409, and the
     partial unique index on streaming messages makes a race between replicas one too.
     """
@@ -73,6 +77,7 @@ async def insert_exchange(
                 "content": content,
                 "model": model,
                 "owner_id": owner_id,
+                "history_chars": history_chars,
             })  # fmt: skip
             rows = await cur.fetchall()
         except errors.UniqueViolation:
@@ -87,7 +92,8 @@ async def insert_exchange(
     if first["running_id"] is not None:
         raise _busy(chat_id, first["running_id"])
     question, answer = rows
-    return message_from_row(question), message_from_row(answer), question["seq"]
+    history = [(role, text) for role, text in first["history"] or ()]
+    return message_from_row(question), message_from_row(answer), history
 
 
 _INSERT_EXCHANGE = f"""
@@ -108,10 +114,20 @@ WITH chat AS MATERIALIZED (
     RETURNING {_COLUMNS}
 ), touched AS (
     UPDATE chats SET updated_at = now() WHERE id IN (SELECT chat_id FROM answer)
+), history AS (
+    -- The statement's snapshot holds the messages before this question, not the new rows.
+    SELECT role, content, seq FROM (
+        SELECT m.role, m.content, m.seq,
+               sum(char_length(m.content)) OVER (ORDER BY m.seq DESC) AS used
+        FROM messages AS m, chat WHERE m.chat_id = chat.id AND m.content <> ''
+    ) AS newest_first
+    WHERE used <= %(history_chars)s
 )
 SELECT flags.*, exchange.*
 FROM (
-    SELECT EXISTS (SELECT 1 FROM chat) AS chat_found, (SELECT id FROM running) AS running_id
+    SELECT EXISTS (SELECT 1 FROM chat) AS chat_found, (SELECT id FROM running) AS running_id,
+           (SELECT json_agg(json_build_array(role, content) ORDER BY seq) FROM history)
+               AS history
 ) AS flags
 LEFT JOIN (SELECT * FROM question UNION ALL SELECT * FROM answer) AS exchange ON true
 ORDER BY exchange.seq
@@ -131,31 +147,6 @@ def _busy(chat_id: UUID, message_id: UUID) -> Conflict:
         f"Chat {chat_id} is still answering message {message_id}; wait for it to finish "
         f"or cancel it first."
     )
-
-
-async def load_history(
-    conn: AsyncConnection, *, chat_id: UUID, before_seq: int, budget_chars: int
-) -> list[tuple[str, str]]:
-    """The newest (role, content) pairs before `before_seq` that fit in the budget, oldest first.
-
-    Empty answers (failed before any text) are left out: they carry nothing for the model.
-    """
-    if budget_chars <= 0:
-        return []
-    cur = await conn.execute(
-        "SELECT role, content FROM messages WHERE chat_id = %s AND seq < %s AND content <> ''"
-        " ORDER BY seq DESC LIMIT 500",
-        (chat_id, before_seq),
-    )
-    picked: list[tuple[str, str]] = []
-    used = 0
-    for role, text in await cur.fetchall():
-        used += len(text)
-        if used > budget_chars:
-            break
-        picked.append((role, text))
-    picked.reverse()
-    return picked
 
 
 async def get_message(
