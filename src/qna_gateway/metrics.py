@@ -155,7 +155,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         db_statements=Counter(
             "db_statements_total",
-            "Statements sent to PostgreSQL by the turn writer, by kind.",
+            "Statements that store streamed answers, by kind (append: one per writer round,"
+            " covering every running answer; finish, tool_event, rewrite: one per answer).",
             ["kind"],
             registry=registry,
         ),
