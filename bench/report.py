@@ -375,9 +375,10 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
         "11 s after it, when PostgreSQL has published every backend's counters), less the "
         f"background rate measured over the run's idle stretches ({_db_idle_text(meta)}); "
         f"statements: {meta.get('db_statements_source', '?')} (`BEGIN` and `COMMIT` count as "
-        "statements). Turn-writer counts come from the gateway's `db_statements_total` (one "
-        "`append` per batch written). Each pool checkout also runs the pool's connection "
-        "check, an empty query: a round trip, and a commit of its own in `xact_commit`.",
+        "statements). Turn-writer counts come from the gateway's `db_statements_total`: one "
+        "`append` per writer round, which stores every running answer's new text at once, so "
+        "per answer it falls as streams rise. The pool tests a connection at checkout only "
+        "when its socket shows the server closed it.",
         "",
         "## Where the gateway's CPU goes",
         "",
