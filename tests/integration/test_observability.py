@@ -116,7 +116,7 @@ async def test_one_ask_is_one_trace_with_http_llm_tool_and_db_spans(
 
     db = [s for s in trace if s.attributes.get("db.system.name") == "postgresql"]
     operations = {s.attributes["db.operation.name"] for s in db}
-    assert {"SELECT", "WITH"} <= operations
+    assert "WITH" in operations  # the ask, the writer's batches and the final write are CTEs
     texts = [s.attributes["db.query.text"] for s in db]
     assert any("INSERT INTO messages" in t for t in texts), "the ask's insert"
     assert any("status = 'streaming' RETURNING" in t and "completed_at" in t for t in texts), (
