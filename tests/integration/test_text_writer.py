@@ -65,6 +65,17 @@ async def pool(database_url: str) -> AsyncIterator[Pool]:
         await pool.close()
 
 
+def new_writer(pool: Pool, registry: CollectorRegistry | None = None) -> TextWriter:
+    """A writer that only writes when the test says (`write_dirty`): its interval is long."""
+    return TextWriter(
+        pool,
+        interval=60,
+        max_chars=10_000,
+        metrics=create_metrics(registry or CollectorRegistry()),
+        tracer=trace.NoOpTracer(),
+    )
+
+
 async def streaming_answer(conn: psycopg.AsyncConnection) -> UUID:
     chat_id = uuid4()
     await conn.execute("INSERT INTO chats (id, principal) VALUES (%s, 'writer-test')", (chat_id,))
@@ -91,13 +102,7 @@ async def test_one_statement_stores_every_answer_and_announces_each(
     pool: Pool, database_url: str
 ) -> None:
     registry = CollectorRegistry()
-    writer = TextWriter(
-        pool,
-        interval=60,
-        max_chars=10_000,
-        metrics=create_metrics(registry),
-        tracer=trace.NoOpTracer(),
-    )
+    writer = new_writer(pool, registry)
 
     def appends() -> float | None:
         return registry.get_sample_value("db_statements_total", {"kind": "append"})
@@ -145,13 +150,7 @@ async def test_one_statement_stores_every_answer_and_announces_each(
 
 
 async def test_a_turn_busy_with_its_own_write_waits_for_the_next_round(pool: Pool) -> None:
-    writer = TextWriter(
-        pool,
-        interval=60,
-        max_chars=10_000,
-        metrics=create_metrics(CollectorRegistry()),
-        tracer=trace.NoOpTracer(),
-    )
+    writer = new_writer(pool)
     async with pool.connection() as conn:
         busy, free = FakeTurn(await streaming_answer(conn)), FakeTurn(await streaming_answer(conn))
     for turn in (busy, free):
@@ -174,13 +173,7 @@ async def test_database_away_keeps_the_text_for_the_next_round(
     via_proxy = make_pool(proxy.url, min_size=1, max_size=1, timeout=2)
     await via_proxy.open(wait=True)
     try:
-        writer = TextWriter(
-            via_proxy,
-            interval=60,
-            max_chars=10_000,
-            metrics=create_metrics(CollectorRegistry()),
-            tracer=trace.NoOpTracer(),
-        )
+        writer = new_writer(via_proxy)
         async with pool.connection() as conn:
             turn = FakeTurn(await streaming_answer(conn))
         turn.text = "kept"
