@@ -14,10 +14,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar, cast
 from uuid import UUID
 
 import msgspec
+import psycopg
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from psycopg import AsyncConnection
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 Subscriber = asyncio.Queue[StreamEvent]
 StopStatus = Literal["cancelled", "interrupted"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +302,7 @@ class Turn:
 
     async def _tool_event(self, name: str, data: dict[str, object]) -> None:
         record = ToolEventRecord(
-            k=len(self._tool_events) + 1, o=self._length, event=name, data=data
+            k=len(self._tool_events) + 1, o=self._length, event=name, data=storable(data)
         )
         self._tool_events.append(record)
         self._publish(ToolEventAppended(record))
@@ -375,13 +377,24 @@ class Turn:
         watchers are told the answer `failed` (its text kept) and the same is stored whenever
         the database is back: the answer is never silently dropped."""
         text = self.text
+        error = storable(error)
         deadline = time.monotonic() + self._config.final_write_seconds
         delay = 0.1
+        with_tool_events = True
         while True:
             try:
-                stored = await self._write_end(text, status, finish_reason, error)
+                stored = await self._write_end(
+                    text, status, finish_reason, error, with_tool_events=with_tool_events
+                )
                 break
             except DB_ERRORS as exc:
+                if isinstance(exc, NOT_TRANSIENT) and with_tool_events:
+                    # Waiting will not help: store the end without the tool events (the only
+                    # part not already cleaned of what PostgreSQL refuses), and say so.
+                    log.error("the end of answer %s cannot be stored whole: %s", self.id, exc)
+                    status, finish_reason, with_tool_events = "failed", "error", False
+                    error = storable(f"The answer could not be stored whole: {exc}")
+                    continue
                 if self.final is None and time.monotonic() > deadline:
                     log.error("could not store the end of answer %s yet: %s", self.id, exc)
                     status, finish_reason = "failed", "error"
@@ -402,7 +415,13 @@ class Turn:
             self._announce(stored)
 
     async def _write_end(
-        self, text: str, status: str, finish_reason: str, error: str | None
+        self,
+        text: str,
+        status: str,
+        finish_reason: str,
+        error: str | None,
+        *,
+        with_tool_events: bool = True,
     ) -> Message | None:
         async with self._pool.connection() as conn:
             self._metrics.db_statements.labels("finish").inc()
@@ -415,7 +434,7 @@ class Turn:
                 error=error,
                 usage=self._usage,
                 sources=self._sources,
-                tool_events=msgspec.to_builtins(self._tool_events),
+                tool_events=msgspec.to_builtins(self._tool_events) if with_tool_events else None,
                 notify=end_notice(self.id, status),
             )
             if stored is None:  # ended elsewhere (a remote cancel) or deleted
@@ -439,6 +458,27 @@ class Turn:
         self._publish(Ended(final))
         self.done.set()
         self._on_done(self)
+
+
+# Errors about the data, not the connection: retrying the same statement cannot succeed.
+NOT_TRANSIENT = (
+    psycopg.DataError,
+    psycopg.IntegrityError,
+    psycopg.ProgrammingError,
+    psycopg.NotSupportedError,
+)
+
+
+def storable(value: T) -> T:
+    """`value` with every NUL in its strings replaced: PostgreSQL's text and jsonb cannot hold
+    one, and what the LLM sends (tool arguments, error bodies) may."""
+    if isinstance(value, str):
+        return cast(T, value.replace("\x00", "\ufffd")) if "\x00" in value else value
+    if isinstance(value, dict):
+        return cast(T, {storable(k): storable(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return cast(T, [storable(v) for v in value])
+    return value
 
 
 def _call_data(event: ToolCalled) -> dict[str, object]:

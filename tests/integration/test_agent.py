@@ -95,6 +95,24 @@ async def test_malformed_tool_arguments_are_reported_to_the_model(
     assert events[-1].data["content"] == "Sorry, let me answer anyway."
 
 
+async def test_nul_in_tool_arguments_and_error_bodies_cannot_block_storing_the_answer(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    """PostgreSQL's text and jsonb cannot hold NUL; what the LLM sends may. The answer must
+    still be stored, never retried forever."""
+    nul_call = {"name": "search_knowledge_base", "arguments": '{"query": "tent\\u0000deposit"}'}
+    upstream.set_scenario(tool_calls=[nul_call], text="The deposit is $100.")
+    events = await ask_stream(llm_gateway, "Deposit?")
+    assert events[-1].event == "message.completed"
+    cur = await db.execute(
+        "SELECT status, tool_events::text FROM messages WHERE id = %s", (events[-1].data["id"],)
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    assert row[0] == "completed"
+    assert "tent" in row[1]
+
+
 async def test_a_model_that_never_stops_calling_tools_fails_cleanly(
     gateway_factory: GatewayFactory, upstream: FakeUpstream
 ) -> None:
