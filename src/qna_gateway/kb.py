@@ -72,13 +72,19 @@ def _split_long(paragraph: str, limit: int) -> list[str]:
     return pieces
 
 
+_SPACE = re.compile(r"\s+")
+
+
 def _tail(text: str, size: int) -> str:
-    """The last `size` characters, starting at a word boundary."""
+    """At most the last `size` characters, starting at a word boundary (never half a word,
+    which a search would find as a word the document does not have)."""
     if len(text) <= size:
         return text
     tail = text[-size:]
-    space = tail.find(" ")
-    return tail[space + 1 :] if 0 <= space < size // 2 else tail
+    if text[-size - 1].isspace():
+        return tail
+    space = _SPACE.search(tail)
+    return tail[space.end() :] if space else ""
 
 
 def chunk_document(
@@ -145,7 +151,8 @@ _JOIN = " … "
 
 
 def _with_overlap(previous: str, current: str, overlap: int) -> str:
-    return f"{_tail(previous, overlap)}{_JOIN}{current}" if previous and overlap else current
+    tail = _tail(previous, overlap) if previous and overlap else ""
+    return f"{tail}{_JOIN}{current}" if tail else current
 
 
 # -- reading the folder ------------------------------------------------------------------------
