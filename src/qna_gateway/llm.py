@@ -380,11 +380,11 @@ async def _finish_reading(
     """Read what follows [DONE] to the body's end, then release the response: closing it
     unread would close its connection too, and the next ask would pay for a new one."""
     try:
-        async with asyncio.timeout(FINISH_READING_SECONDS):
-            async for _ in reads:
-                pass
-    except Exception:  # noqa: S110 - the answer is complete; this only saves a connection
-        pass
+        # The answer is complete: a failure here only costs the connection.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(FINISH_READING_SECONDS):
+                async for _ in reads:
+                    pass
     finally:
         with contextlib.suppress(Exception):
             await response.__aexit__(None, None, None)
@@ -422,11 +422,9 @@ def _read_chunk(chunk: _Chunk, result: _Round) -> Iterator[AnswerEvent]:
         )
     for choice in chunk.choices:
         delta = choice.delta
-        if text := delta.content:
-            if "\x00" in text:  # PostgreSQL text cannot hold NUL: it could never be stored
-                text = text.replace("\x00", "\ufffd")
-            result.text.append(text)
-            yield TextDelta(text)
+        if delta.content:
+            result.text.append(delta.content)
+            yield TextDelta(delta.content)
         for piece in delta.tool_calls or ():
             call = result.calls.setdefault(piece.index, _PartialCall())
             if piece.id:

@@ -14,11 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar, cast
+from typing import Literal
 from uuid import UUID
 
 import msgspec
-import psycopg
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from psycopg import AsyncConnection
@@ -45,7 +44,8 @@ from .events import (
 )
 from .schemas import Message, Source, Usage
 from .store import messages as store
-from .store.pool import DB_ERRORS, Pool
+from .store.messages import storable
+from .store.pool import DB_ERRORS, NOT_TRANSIENT, Pool
 from .telemetry import GenAI, Telemetry, chat_id_var, exemplar_of_current_span
 from .text_writer import TextWriter
 from .tools import SEARCH_TOOL_NAME, search_query_of
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 Subscriber = asyncio.Queue[StreamEvent]
 StopStatus = Literal["cancelled", "interrupted"]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +266,8 @@ class Turn:
     async def _consume(self) -> None:
         async for event in self._answerer.answer(self._conversation):
             if isinstance(event, TextDelta):
-                self._append(event.text)
+                # Cleaned here, so watchers get exactly the text that is stored.
+                self._append(storable(event.text))
             elif isinstance(event, ToolCalled):
                 await self._tool_event("tool.call", _call_data(event))
             elif isinstance(event, ToolResult):
@@ -458,27 +458,6 @@ class Turn:
         self._publish(Ended(final))
         self.done.set()
         self._on_done(self)
-
-
-# Errors about the data, not the connection: retrying the same statement cannot succeed.
-NOT_TRANSIENT = (
-    psycopg.DataError,
-    psycopg.IntegrityError,
-    psycopg.ProgrammingError,
-    psycopg.NotSupportedError,
-)
-
-
-def storable(value: T) -> T:
-    """`value` with every NUL in its strings replaced: PostgreSQL's text and jsonb cannot hold
-    one, and what the LLM sends (tool arguments, error bodies) may."""
-    if isinstance(value, str):
-        return cast(T, value.replace("\x00", "\ufffd")) if "\x00" in value else value
-    if isinstance(value, dict):
-        return cast(T, {storable(k): storable(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return cast(T, [storable(v) for v in value])
-    return value
 
 
 def _call_data(event: ToolCalled) -> dict[str, object]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, cast
 from uuid import UUID, uuid4
 
 import msgspec
@@ -14,6 +14,8 @@ from ..errors import Conflict, NotFound
 from ..schemas import Message, MessagePage, Source, Usage
 from .cursors import decode_cursor, encode_cursor
 
+T = TypeVar("T")
+
 # Every message change is announced here; the payload names the message (see pubsub.py).
 EVENTS_CHANNEL = "qna_events"
 
@@ -21,6 +23,18 @@ _COLUMNS = (
     "m.id, m.seq, m.chat_id, m.role, m.content, m.status, m.finish_reason, m.error, m.model,"
     " m.input_tokens, m.output_tokens, m.sources, m.created_at, m.completed_at, m.owner_id"
 )
+
+
+def storable(value: T) -> T:
+    """`value` with every NUL in its strings replaced: PostgreSQL's text and jsonb cannot hold
+    one, and what the LLM sends (text, tool arguments, error bodies) may."""
+    if isinstance(value, str):
+        return cast(T, value.replace("\x00", "\ufffd")) if "\x00" in value else value
+    if isinstance(value, dict):
+        return cast(T, {storable(k): storable(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return cast(T, [storable(v) for v in value])
+    return value
 
 
 def message_from_row(row: dict[str, Any]) -> Message:

@@ -5,13 +5,23 @@ from __future__ import annotations
 import select
 from typing import Any
 
-from psycopg import AsyncConnection, AsyncCursor, Error
+from psycopg import (
+    AsyncConnection,
+    AsyncCursor,
+    DataError,
+    Error,
+    IntegrityError,
+    NotSupportedError,
+    ProgrammingError,
+)
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 Pool = AsyncConnectionPool[AsyncConnection]
 # What a statement can fail with when the database is away or slow: callers that can wait
 # (a batch, a heartbeat) catch these and try again later.
 DB_ERRORS = (Error, PoolTimeout, OSError)
+# ...except these, about the data rather than the connection: the same statement cannot succeed.
+NOT_TRANSIENT = (DataError, IntegrityError, ProgrammingError, NotSupportedError)
 
 
 def make_pool(
