@@ -28,6 +28,7 @@ from .lifecycle import Lifecycle, running_services
 from .limits import RateLimiter
 from .middleware import ObservabilityMiddleware
 from .settings import Settings
+from .tasks import cancel_and_wait
 from .telemetry import Telemetry, create_telemetry
 
 
@@ -55,9 +56,7 @@ def create_app(
             try:
                 yield
             finally:
-                bring_up.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await bring_up
+                await cancel_and_wait(bring_up)
                 lifecycle.services = None
         # Last, after the drain and the final writes: their spans are exported too.
         telemetry.shutdown()

@@ -14,6 +14,7 @@ from psycopg import AsyncConnection, OperationalError
 
 from .events import Notice, Resync, StreamEvent, TextAppended, parse_notice
 from .store.messages import EVENTS_CHANNEL
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,8 @@ class EventHub:
             await asyncio.wait_for(self._ready.wait(), timeout=10)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def subscribe(self, message_id: UUID) -> Subscriber:
         queue: Subscriber = asyncio.Queue()

@@ -25,6 +25,7 @@ from .events import text_notice
 from .metrics import Metrics
 from .store import messages as store
 from .store.pool import DB_ERRORS, Pool
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,8 @@ class TextWriter:
         )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def mark(self, turn: Writable, waiting: int) -> None:
         """`turn` has `waiting` characters not stored yet. Called per delta: keep it cheap."""

@@ -21,6 +21,7 @@ from .schemas import Message
 from .settings import Settings
 from .store import messages as store
 from .store.pool import DB_ERRORS, Pool
+from .tasks import cancel_and_wait
 from .telemetry import Telemetry
 from .text_writer import TextWriter
 from .turns import Turn, TurnConfig
@@ -97,10 +98,7 @@ class TurnManager:
     async def stop(self) -> None:
         """After drain: stop writing and listening, forget this instance."""
         await self.writer.stop()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await cancel_and_wait(self._heartbeat)
         await self.hub.stop()
         with contextlib.suppress(*DB_ERRORS):
             async with self.pool.connection() as conn:

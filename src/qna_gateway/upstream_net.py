@@ -17,7 +17,7 @@ import select
 import socket
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any, cast
 
 import httpcore2
@@ -193,21 +193,9 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
-        try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(
-                    _Protocol,
-                    host,
-                    port,
-                    local_addr=(local_address, 0) if local_address else None,
-                ),
-                timeout,
-            )
-        except TimeoutError:
-            raise httpcore2.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
-        except OSError as exc:
-            raise httpcore2.ConnectError(str(exc)) from exc
-        return _stream(transport, protocol, socket_options)
+        local_addr = (local_address, 0) if local_address else None
+        connecting = loop.create_connection(_Protocol, host, port, local_addr=local_addr)
+        return await _connect(connecting, f"{host}:{port}", timeout, socket_options)
 
     async def connect_unix_socket(
         self,
@@ -215,19 +203,27 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
         timeout: float | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore2.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_unix_connection(_Protocol, path), timeout
-            )
-        except TimeoutError:
-            raise httpcore2.ConnectTimeout(f"timed out connecting to {path}") from None
-        except OSError as exc:
-            raise httpcore2.ConnectError(str(exc)) from exc
-        return _stream(transport, protocol, socket_options)
+        connecting = asyncio.get_running_loop().create_unix_connection(_Protocol, path)
+        return await _connect(connecting, path, timeout, socket_options)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+async def _connect(
+    connecting: Coroutine[Any, Any, tuple[asyncio.BaseTransport, _Protocol]],
+    where: str,
+    timeout: float | None,
+    socket_options: Iterable[Any] | None,
+) -> AsyncioStream:
+    """Wait for a connection, with httpcore2's errors for what can go wrong."""
+    try:
+        transport, protocol = await asyncio.wait_for(connecting, timeout)
+    except TimeoutError:
+        raise httpcore2.ConnectTimeout(f"timed out connecting to {where}") from None
+    except OSError as exc:
+        raise httpcore2.ConnectError(str(exc)) from exc
+    return _stream(transport, protocol, socket_options)
 
 
 def _stream(
