@@ -52,7 +52,11 @@ def _tag(message_id: UUID) -> str:
 
 
 def event_id(message_id: UUID, offset: int, tools: int = 0, *, end: bool = False) -> str:
-    return f"{_tag(message_id)}.{offset}{f'.t{tools}' if tools else ''}{'.end' if end else ''}"
+    return _event_id(_tag(message_id), offset, tools, end)
+
+
+def _event_id(tag: str, offset: int, tools: int, end: bool) -> str:
+    return f"{tag}.{offset}{f'.t{tools}' if tools else ''}{'.end' if end else ''}"
 
 
 def parse_position(raw: str | None, message: Message) -> Position | None:
@@ -91,9 +95,7 @@ class _Cursor:
         self._tag = _tag(message_id)  # formatting the UUID per event showed in profiles
 
     def _id(self, *, end: bool = False) -> str:
-        return f"{self._tag}.{self.offset}{f'.t{self.tools}' if self.tools else ''}" + (
-            ".end" if end else ""
-        )
+        return _event_id(self._tag, self.offset, self.tools, end)
 
     def text(self, start: int, text: str) -> Iterator[bytes]:
         end = start + len(text)

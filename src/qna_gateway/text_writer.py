@@ -123,11 +123,8 @@ class TextWriter:
                 if turn.write_lock.locked():  # its own write runs; the next round takes it
                     self._dirty.setdefault(turn.id, turn)
                     continue
-                batch = turn.pending()
-                if batch is None:
-                    continue
                 await turn.write_lock.acquire()  # free, so this returns at once
-                batch = turn.pending()  # unchanged unless the acquire had to wait
+                batch = turn.pending()
                 if batch is None:
                     turn.write_lock.release()
                     continue
