@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 import uuid
 from typing import Any
 
+import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .errors import PROBLEM_JSON
+from .schemas import Problem
 from .telemetry import Telemetry, request_id_var
 
 log = logging.getLogger("qna_gateway.access")
@@ -122,19 +124,19 @@ class ObservabilityMiddleware:
 
 
 async def _refuse_headers(send: Any, limit: int) -> None:
-    body = json.dumps(
-        {
-            "status": 431,
-            "title": "Request header fields too large",
-            "detail": f"The request headers are larger than the limit of {limit} bytes.",
-        }
-    ).encode()
+    body = msgspec.json.encode(
+        Problem(
+            status=431,
+            title="Request header fields too large",
+            detail=f"The request headers are larger than the limit of {limit} bytes.",
+        )
+    )
     await send(
         {
             "type": "http.response.start",
             "status": 431,
             "headers": [
-                (b"content-type", b"application/problem+json"),
+                (b"content-type", PROBLEM_JSON.encode()),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
             ],
