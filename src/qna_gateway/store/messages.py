@@ -77,9 +77,9 @@ async def insert_exchange(
 
     The history is the newest (role, content) pairs before the question whose text fits in
     `history_chars`, oldest first; empty answers (failed before any text) carry nothing for
-    the model and are left out. The chat row is
-    locked first, so asks on one chat queue; a second ask while one streams is a 409, and the
-    partial unique index on streaming messages makes a race between replicas one too.
+    the model and are left out. The chat row is locked first, so asks on one chat queue; a
+    second ask while one streams is a 409, and the partial unique index on streaming messages
+    makes a race between replicas one too.
     """
     async with conn.cursor(row_factory=dict_row) as cur:
         try:
@@ -96,7 +96,7 @@ async def insert_exchange(
             rows = await cur.fetchall()
         except errors.UniqueViolation:
             # Another ask committed its answer while this one waited for the chat's lock.
-            running = await _running_answer(conn, chat_id)
+            running = await streaming_message_of_chat(conn, chat_id=chat_id)
             if running is not None:
                 raise _busy(chat_id, running) from None
             raise Conflict(f"Chat {chat_id} is already answering a question.") from None
@@ -146,14 +146,6 @@ FROM (
 LEFT JOIN (SELECT * FROM question UNION ALL SELECT * FROM answer) AS exchange ON true
 ORDER BY exchange.seq
 """
-
-
-async def _running_answer(conn: AsyncConnection, chat_id: UUID) -> UUID | None:
-    cur = await conn.execute(
-        "SELECT id FROM messages WHERE chat_id = %s AND status = 'streaming'", (chat_id,)
-    )
-    row = await cur.fetchone()
-    return row[0] if row else None
 
 
 def _busy(chat_id: UUID, message_id: UUID) -> Conflict:
