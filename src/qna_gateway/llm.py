@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx2
@@ -33,7 +34,7 @@ from .schemas import Usage
 from .settings import Settings
 from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
-from .upstream_net import use_asyncio_backend
+from .upstream_http import Http11Transport
 
 # How long to wait for the end of a body after [DONE] before giving its connection up.
 FINISH_READING_SECONDS = 2.0
@@ -116,14 +117,9 @@ class OpenAIAnswerer:
         self._kb = kb
         self._telemetry = telemetry
         self._provider = provider_name(settings.openai_base_url)
-        # As many connections as answers run (each streams on its own); a hundred kept idle.
-        transport = httpx2.AsyncHTTPTransport(
-            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)
-        )
-        use_asyncio_backend(transport)
         self._client = openai.AsyncOpenAI(
             api_key=key,
-            http_client=openai.DefaultAsyncHttpxClient(transport=transport),
+            http_client=_http_client(settings.openai_base_url),
             base_url=settings.openai_base_url,
             max_retries=settings.llm_max_retries,
             # The first-token and idle limits are enforced per chunk below, each with its own
@@ -268,28 +264,37 @@ class OpenAIAnswerer:
             )
             span.end()
 
+    def _request_body(self, messages: list[dict[str, Any]], offer_tool: bool) -> dict[str, Any]:
+        """The chat-completions request, built here rather than through the SDK's typed
+        `create()`, whose per-call walk over the parameters was a third of an ask's CPU
+        (bench/results/profile-ask.md). The client still sends it: base URL, auth, retries,
+        status errors."""
+        body: dict[str, Any] = {
+            "model": self._settings.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self._settings.kb_mode == "tools":
+            # Once tool messages are in the conversation the tool must stay declared;
+            # tool_choice="none" is how the last round forbids another call.
+            body["tools"] = [SEARCH_TOOL]
+            body["tool_choice"] = "auto" if offer_tool else "none"
+        return body
+
     async def _stream_round(
         self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round, deadline: float
     ) -> AsyncIterator[AnswerEvent]:
-        tools_mode = self._settings.kb_mode == "tools"
         settings = self._settings
         started = time.monotonic()
         try:
             async with _limit(settings.llm_first_token_timeout_seconds, deadline, "first_token"):
-                # Once tool messages are in the conversation the tool must stay declared;
-                # tool_choice="none" is how the last round forbids another call.
-                # The raw stream, parsed below with msgspec: the SDK's per-chunk pydantic
-                # models were the largest CPU cost of relaying (bench/results/profile.md).
-                # The client still does the request: base URL, auth, retries, status errors.
-                response_context = self._client.chat.completions.with_streaming_response.create(
-                    model=settings.model,
-                    messages=cast(Any, messages),
+                response = await self._client.post(
+                    "/chat/completions",
+                    cast_to=httpx2.Response,
+                    body=self._request_body(messages, offer_tool),
                     stream=True,
-                    stream_options={"include_usage": True},
-                    tools=cast(Any, [SEARCH_TOOL]) if tools_mode else openai.omit,
-                    tool_choice=("auto" if offer_tool else "none") if tools_mode else openai.omit,
                 )
-                response = await response_context.__aenter__()
             watchdog = _Watchdog(
                 first_token=settings.llm_first_token_timeout_seconds,
                 idle=settings.llm_idle_timeout_seconds,
@@ -299,7 +304,7 @@ class OpenAIAnswerer:
             try:
                 # Raw bytes, split into lines here: one read often holds many events, and the
                 # layers of line iterators above it cost more than the parsing.
-                reads = response.http_response.aiter_bytes().__aiter__()
+                reads = response.aiter_bytes().__aiter__()
                 data_lines = DataLines()
                 done = False
                 while not done:
@@ -324,11 +329,11 @@ class OpenAIAnswerer:
                 if done:
                     # The body's end usually follows [DONE] at once; read it in the background
                     # so the connection goes back to the pool without holding up the answer.
-                    task = asyncio.create_task(_finish_reading(reads, response_context))
+                    task = asyncio.create_task(_finish_reading(reads, response))
                     _finishing.add(task)
                     task.add_done_callback(_finishing.discard)
                 else:
-                    await response_context.__aexit__(None, None, None)
+                    await response.aclose()
         except openai.APITimeoutError as exc:
             if type(exc.__cause__).__name__ == "ConnectTimeout":
                 raise AnswerError(
@@ -371,12 +376,26 @@ class OpenAIAnswerer:
             call.call_id = call.call_id or f"call_{index}"
 
 
+def _http_client(base_url: str | None) -> httpx2.AsyncClient:
+    """The LLM's HTTP client: on the lean HTTP/1.1 transport, unless the environment names a
+    proxy for the base URL, which httpx2's own transport (HTTP CONNECT, SOCKS) then handles.
+    Either way as many connections as answers run, a hundred kept idle."""
+    url = urlsplit(base_url or "https://api.openai.com/v1")
+    proxies = urllib.request.getproxies()
+    proxied = bool(proxies.get(url.scheme) or proxies.get("all")) and not (
+        urllib.request.proxy_bypass(url.netloc)
+    )
+    if proxied:
+        return openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)
+        )
+    return openai.DefaultAsyncHttpxClient(transport=Http11Transport(max_idle=100))
+
+
 _finishing: set[asyncio.Task[None]] = set()
 
 
-async def _finish_reading(
-    reads: AsyncIterator[bytes], response: contextlib.AbstractAsyncContextManager[Any]
-) -> None:
+async def _finish_reading(reads: AsyncIterator[bytes], response: httpx2.Response) -> None:
     """Read what follows [DONE] to the body's end, then release the response: closing it
     unread would close its connection too, and the next ask would pay for a new one."""
     try:
@@ -387,7 +406,7 @@ async def _finish_reading(
                     pass
     finally:
         with contextlib.suppress(Exception):
-            await response.__aexit__(None, None, None)
+            await response.aclose()
 
 
 class DataLines:

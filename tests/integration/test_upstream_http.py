@@ -1,5 +1,6 @@
-"""The asyncio network backend under the LLM client, against real sockets: plain and TLS,
-keep-alive reuse, a server that closes an idle connection, timeouts, a refused port."""
+"""The HTTP/1.1 transport under the LLM client, against real sockets: plain and TLS,
+keep-alive reuse, a server that closes an idle connection, timeouts, a refused port, bodies
+cut short or ended by the close."""
 
 from __future__ import annotations
 
@@ -14,17 +15,21 @@ import httpx2
 import pytest
 import trustme
 
-from qna_gateway.upstream_net import use_asyncio_backend
+from qna_gateway.upstream_http import Http11Transport
 
 
 @dataclass
 class Server:
-    """HTTP/1.1 on 127.0.0.1: each request gets a chunked body of `pieces`, one write each."""
+    """HTTP/1.1 on 127.0.0.1: each request gets a body of `pieces`, one write each, framed
+    with chunks, a Content-Length, or the connection's close; `cut` closes it mid-body."""
 
     pieces: list[bytes]
     delay: float = 0.0
+    framing: str = "chunked"
     close_after_response: bool = False
+    cut: bool = False
     connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -32,18 +37,33 @@ class Server:
         self.writers.append(writer)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
-                await reader.readuntil(b"\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                self.requests.append(head + await reader.readexactly(length))
+                framing = {
+                    "chunked": b"transfer-encoding: chunked\r\n",
+                    "length": b"content-length: %d\r\n" % len(b"".join(self.pieces)),
+                    "close": b"",
+                }[self.framing]
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n%s\r\n" % framing
                 )
                 for piece in self.pieces:
                     await asyncio.sleep(self.delay)
-                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    chunked = self.framing == "chunked"
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                     await writer.drain()
-                writer.write(b"0\r\n\r\n")
+                    if self.cut:
+                        writer.close()
+                        return
+                if self.framing == "chunked":
+                    writer.write(b"0\r\n\r\n")
                 await writer.drain()
-                if self.close_after_response:
+                if self.close_after_response or self.framing == "close":
                     writer.close()
                     return
 
@@ -61,9 +81,8 @@ async def serving(server: Server, tls: ssl.SSLContext | None = None) -> AsyncIte
         await listener.wait_closed()
 
 
-def client(*, verify: ssl.SSLContext | bool = True, read: float = 5) -> httpx2.AsyncClient:
-    transport = httpx2.AsyncHTTPTransport(verify=verify)
-    assert use_asyncio_backend(transport)
+def client(*, verify: ssl.SSLContext | None = None, read: float = 5) -> httpx2.AsyncClient:
+    transport = Http11Transport(ssl_context=verify)
     return httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(5, read=read))
 
 
@@ -142,3 +161,43 @@ async def test_a_body_larger_than_the_buffer_limit_arrives_whole() -> None:
         await asyncio.sleep(0.3)  # let the server fill the buffer while nothing reads
         data = b"".join([chunk async for chunk in response.aiter_raw()])
     assert data == b"".join(big)
+
+
+@pytest.mark.parametrize("framing", ["length", "close"])
+async def test_bodies_with_a_length_or_ended_by_the_close(framing: str) -> None:
+    server = Server(PIECES, delay=0.01, framing=framing)
+    async with serving(server) as port, client() as http:
+        for _ in range(2):
+            response = await http.get(f"http://127.0.0.1:{port}/")
+            assert response.content == b"".join(PIECES)
+    # A length lets the connection be reused; a body ended by the close cannot.
+    assert server.connections == (1 if framing == "length" else 2)
+
+
+async def test_a_body_cut_short_is_a_protocol_error() -> None:
+    server = Server(PIECES, cut=True)
+    async with serving(server) as port, client() as http:
+        with pytest.raises(httpx2.RemoteProtocolError, match="ended early"):
+            await http.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_the_request_goes_out_with_its_body_and_length() -> None:
+    server = Server(PIECES)
+    async with serving(server) as port, client() as http:
+        await http.post(f"http://127.0.0.1:{port}/v1/chat?x=1", json={"q": "é"})
+    head, _, body = server.requests[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/chat?x=1 HTTP/1.1\r\n")
+    assert b"\r\nContent-Length: %d" % len(body) in head.title()
+    assert body == '{"q":"é"}'.encode()
+
+
+async def test_a_response_closed_before_its_end_does_not_reuse_the_connection() -> None:
+    server = Server(PIECES, delay=0.05)
+    async with serving(server) as port, client() as http:
+        for _ in range(2):
+            async with http.stream("GET", f"http://127.0.0.1:{port}/") as response:
+                async for _ in response.aiter_raw():
+                    break  # the rest of the body is still on its way
+        response = await http.get(f"http://127.0.0.1:{port}/")
+        assert response.content == b"".join(PIECES)
+    assert server.connections == 3

@@ -1,0 +1,326 @@
+"""HTTP/1.1 to the LLM: a lean httpx2 transport on an asyncio protocol and httptools.
+
+An answer is one socket read per token. Through httpcore2 every read went through its
+connection state machine (h11) and several stream layers, and together they cost more than
+the rest of relaying a token (bench/results/profile.md). Here the bytes are parsed by
+httptools (llhttp, in C) in the protocol callback as they arrive, and the body stream hands
+over whatever has been decoded since the last read.
+
+It speaks what the LLM client needs and nothing more: HTTP/1.1 over TCP or TLS, one request
+at a time per connection, idle keep-alive connections reused per origin, the connect and
+read timeouts httpx2 passes in each request. No proxies and no HTTP/2: llm.py leaves a
+configured proxy to httpx2's own transport.
+
+    transport = Http11Transport()
+    client = httpx2.AsyncClient(transport=transport)   # or openai's http_client=
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import cast
+
+import httptools
+import httpx2
+
+# Stop reading from the socket while this much body is buffered and not yet consumed.
+HIGH_WATER = 256 * 1024
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Origin = tuple[str, str, int]
+
+
+class _Connection(asyncio.Protocol):
+    """One connection and the response being read on it (httptools calls the `on_*` methods
+    from inside `feed_data`)."""
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.busy = False  # a request is out and its response not fully read
+        self.closed = False
+        self.error: str | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_complete = False
+        self.until_close = False  # a body with neither a length nor chunks ends at EOF
+        self.body: deque[bytes] = deque()
+        self.buffered = 0
+        self.complete = False
+        self.keep_alive = False
+        self.reading_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio's, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:  # nothing was asked: an idle connection is not to be trusted again
+            self._fail("the LLM sent data nobody asked for")
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"the LLM sent malformed HTTP: {exc}")
+            return
+        if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if self.until_close and self.headers_complete:
+            self.complete = True
+        self._fail("the LLM closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(str(exc) if exc else "the LLM closed the connection")
+
+    # -- httptools callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.headers_complete = True
+        names = {name.lower() for name, _ in self.headers}
+        status = self.parser.get_status_code()
+        self.until_close = (
+            b"content-length" not in names
+            and b"transfer-encoding" not in names
+            and status not in (204, 304)
+            and status >= 200
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        # Asked now: once the message is complete the parser starts over for the next one.
+        self.keep_alive = self.parser.should_keep_alive()
+
+    # -- for the transport and the body stream
+
+    def _fail(self, error: str) -> None:
+        self.closed = True
+        if self.error is None:
+            self.error = error
+        if self.transport is not None:
+            self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def reusable(self) -> bool:
+        """For a connection taken from the idle list: still open, and nothing came in while it
+        sat there (readable then means the server closed it, or sent what nobody asked for)."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+
+    def send(self, data: bytes) -> None:
+        self._reset()
+        self.busy = True
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def wait(self, seconds: float | None, request: httpx2.Request) -> None:
+        """Until the protocol has news (data, the end, an error), at most `seconds`."""
+        loop = asyncio.get_running_loop()
+        waiter = self.waiter = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            raise httpx2.ReadTimeout("timed out reading from the LLM", request=request) from None
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def take(self) -> bytes:
+        """Everything decoded since the last call, as one piece."""
+        body = self.body
+        data = body.popleft() if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.buffered = 0
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _Body(httpx2.AsyncByteStream):
+    def __init__(
+        self,
+        transport: Http11Transport,
+        connection: _Connection,
+        request: httpx2.Request,
+        timeout: float | None,
+    ) -> None:
+        self._transport = transport
+        self._connection = connection
+        self._request = request
+        self._timeout = timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        while True:
+            if connection.body:
+                yield connection.take()
+            elif connection.complete:
+                return
+            elif connection.closed:
+                raise httpx2.RemoteProtocolError(
+                    f"the response ended early: {connection.error}", request=self._request
+                )
+            else:
+                await connection.wait(self._timeout, self._request)
+
+    async def aclose(self) -> None:
+        self._transport.release(self._connection)
+
+
+class Http11Transport(httpx2.AsyncBaseTransport):
+    """Requests over reused HTTP/1.1 connections, `max_idle` of them kept open when idle."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, max_idle: int = 100) -> None:
+        self._ssl_context = ssl_context
+        self._max_idle = max_idle
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle_count = 0
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = request.url
+        scheme = url.scheme
+        if scheme not in DEFAULT_PORTS:
+            raise httpx2.UnsupportedProtocol(f"cannot send {scheme}:// requests", request=request)
+        origin = (scheme, url.host, url.port or DEFAULT_PORTS[scheme])
+        timeouts = request.extensions.get("timeout", {})
+        read_timeout: float | None = timeouts.get("read")
+        connection = self._idle_connection(origin)
+        if connection is None:
+            connection = await self._connect(origin, timeouts.get("connect"), request)
+        body = await request.aread()
+        connection.send(_head(request, body) + body)
+        try:
+            while not connection.headers_complete:
+                if connection.closed:
+                    raise httpx2.RemoteProtocolError(
+                        f"no response: {connection.error}", request=request
+                    )
+                await connection.wait(read_timeout, request)
+        except BaseException:
+            self.release(connection)
+            raise
+        return httpx2.Response(
+            connection.parser.get_status_code(),
+            headers=connection.headers,
+            stream=_Body(self, connection, request, read_timeout),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": connection.reason},
+        )
+
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            self._idle_count -= 1
+            if connection.reusable():
+                return connection
+            connection._fail("closed while idle")
+        return None
+
+    async def _connect(
+        self, origin: Origin, seconds: float | None, request: httpx2.Request
+    ) -> _Connection:
+        scheme, host, port = origin
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self._ssl_context is None:
+                self._ssl_context = httpx2.create_ssl_context()
+            tls = self._ssl_context
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(seconds):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(origin), host, port, ssl=tls
+                )
+        except TimeoutError:
+            raise httpx2.ConnectTimeout(
+                f"timed out connecting to {host}:{port}", request=request
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise httpx2.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
+        return connection
+
+    def release(self, connection: _Connection) -> None:
+        """A response is done with: its connection goes back to the idle list if the response
+        was read to its end and the server keeps it alive, else it is closed."""
+        if not connection.busy:
+            return
+        connection.busy = False
+        keep = (
+            connection.complete
+            and not connection.closed
+            and not connection.until_close
+            and connection.keep_alive
+            and self._idle_count < self._max_idle
+        )
+        if keep:
+            self._idle.setdefault(connection.origin, []).append(connection)
+            self._idle_count += 1
+        else:
+            connection._fail("closed by the client")
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection._fail("closed by the client")
+        self._idle.clear()
+        self._idle_count = 0
+
+
+def _head(request: httpx2.Request, body: bytes) -> bytes:
+    """The request line and headers. The body is sent whole, so it always has a length."""
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
+    has_length = False
+    for name, value in request.headers.raw:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            continue
+        has_length = has_length or lower == b"content-length"
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if not has_length and (body or request.method not in ("GET", "HEAD")):
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines.append(b"\r\n")
+    return b"".join(lines)
