@@ -114,7 +114,7 @@ def _serve(settings: Settings) -> int:
         return 2
     if not auth.enabled:
         log.warning("authentication is off: every caller is the one principal 'anonymous'")
-    lifecycle = Lifecycle()
+    lifecycle = Lifecycle(owns_process=True)
     app = create_app(settings, lifecycle=lifecycle)
     config = uvicorn.Config(
         app,

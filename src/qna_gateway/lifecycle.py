@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -113,12 +114,27 @@ async def running_services(
             await embedded.stop()
 
 
+def settle_heap() -> None:
+    """After start-up: move what it made out of the cyclic collector's sight.
+
+    Start-up leaves a few hundred thousand long-lived objects (modules, the app, pools,
+    schemas), and every older-generation collection walked them again: the collector was a
+    tenth of the gateway's CPU while relaying tokens (perf, 100 paced streams). Frozen
+    objects are never collected, so this runs once, when the services are up, and freezes
+    only what lives as long as the process. (A larger young generation measured no better.)
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class Lifecycle:
     """Shared by the app (readiness, 503 on asks) and the server (signals)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, owns_process: bool = False) -> None:
         self.services: Services | None = None
         self.startup_problem: str | None = None
+        # `qna-gateway serve` owns its process and may tune it; an app in a test does not.
+        self._owns_process = owns_process
 
     async def bring_up(
         self,
@@ -137,6 +153,8 @@ class Lifecycle:
                 delay = min(delay * 2, 10.0)
                 continue
             self.startup_problem = None
+            if self._owns_process:
+                settle_heap()
             log.info("ready")
             return
 
