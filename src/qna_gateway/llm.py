@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +34,7 @@ from .schemas import Usage
 from .settings import Settings
 from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
-from .upstream_http import Http11Transport
+from .upstream_http import Http11Transport, raw_reader
 
 # How long to wait for the end of a body after [DONE] before giving its connection up.
 FINISH_READING_SECONDS = 2.0
@@ -304,20 +304,20 @@ class OpenAIAnswerer:
             try:
                 # Raw bytes, split into lines here: one read often holds many events, and the
                 # layers of line iterators above it cost more than the parsing.
-                reads = response.aiter_bytes().__aiter__()
+                read = raw_reader(response)
                 data_lines = DataLines()
                 done = False
                 while not done:
                     watchdog.reading(waiting_first=not result.text and not result.calls)
                     try:
-                        data = await reads.__anext__()
-                    except StopAsyncIteration:
-                        break
+                        data = await read()
                     except asyncio.CancelledError:
                         watchdog.raise_if_expired()
                         raise
                     finally:
                         watchdog.read_done()
+                    if not data:
+                        break
                     for payload in data_lines.feed(data):
                         if payload == b"[DONE]":
                             done = True
@@ -329,7 +329,7 @@ class OpenAIAnswerer:
                 if done:
                     # The body's end usually follows [DONE] at once; read it in the background
                     # so the connection goes back to the pool without holding up the answer.
-                    task = asyncio.create_task(_finish_reading(reads, response))
+                    task = asyncio.create_task(_finish_reading(read, response))
                     _finishing.add(task)
                     task.add_done_callback(_finishing.discard)
                 else:
@@ -395,14 +395,14 @@ def _http_client(base_url: str | None) -> httpx2.AsyncClient:
 _finishing: set[asyncio.Task[None]] = set()
 
 
-async def _finish_reading(reads: AsyncIterator[bytes], response: httpx2.Response) -> None:
+async def _finish_reading(read: Callable[[], Awaitable[bytes]], response: httpx2.Response) -> None:
     """Read what follows [DONE] to the body's end, then release the response: closing it
     unread would close its connection too, and the next ask would pay for a new one."""
     try:
         # The answer is complete: a failure here only costs the connection.
         with contextlib.suppress(Exception):
             async with asyncio.timeout(FINISH_READING_SECONDS):
-                async for _ in reads:
+                while await read():
                     pass
     finally:
         with contextlib.suppress(Exception):

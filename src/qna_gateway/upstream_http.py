@@ -18,10 +18,11 @@ configured proxy to httpx2's own transport.
 from __future__ import annotations
 
 import asyncio
+import functools
 import select
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
 import httptools
@@ -32,6 +33,9 @@ HIGH_WATER = 256 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Origin = tuple[str, str, int]
+
+# The response extension that holds the body stream, for `raw_reader`.
+BODY_EXTENSION = "qna_gateway.body"
 
 
 class _Connection(asyncio.Protocol):
@@ -194,18 +198,23 @@ class _Body(httpx2.AsyncByteStream):
         self._timeout = timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        while data := await self.read(self._timeout):
+            yield data
+
+    async def read(self, seconds: float | None) -> bytes:
+        """Whatever arrived since the last read, waiting at most `seconds` for some; b"" at
+        the body's end. For a caller that reads the body itself, past httpx2's iterators."""
         connection = self._connection
         while True:
             if connection.body:
-                yield connection.take()
-            elif connection.complete:
-                return
-            elif connection.closed:
+                return connection.take()
+            if connection.complete:
+                return b""
+            if connection.closed:
                 raise httpx2.RemoteProtocolError(
                     f"the response ended early: {connection.error}", request=self._request
                 )
-            else:
-                await connection.wait(self._timeout, self._request)
+            await connection.wait(seconds, self._request)
 
     async def aclose(self) -> None:
         self._transport.release(self._connection)
@@ -231,8 +240,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         connection = self._idle_connection(origin)
         if connection is None:
             connection = await self._connect(origin, timeouts.get("connect"), request)
-        body = await request.aread()
-        connection.send(_head(request, body) + body)
+        content = await request.aread()
+        connection.send(_head(request, content) + content)
         try:
             while not connection.headers_complete:
                 if connection.closed:
@@ -243,11 +252,16 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         except BaseException:
             self.release(connection)
             raise
+        body = _Body(self, connection, request, read_timeout)
         return httpx2.Response(
             connection.parser.get_status_code(),
             headers=connection.headers,
-            stream=_Body(self, connection, request, read_timeout),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": connection.reason},
+            stream=body,
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": connection.reason,
+                BODY_EXTENSION: body,
+            },
         )
 
     def _idle_connection(self, origin: Origin) -> _Connection | None:
@@ -324,3 +338,24 @@ def _head(request: httpx2.Request, body: bytes) -> bytes:
         lines.append(b"Content-Length: %d\r\n" % len(body))
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def raw_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]]:
+    """A function reading the response body a piece at a time, b"" at its end.
+
+    A body from this transport, not content-encoded, is read straight from its connection,
+    without a timer per read: the caller keeps its own clock (llm.py's watchdog). Any other
+    body goes through httpx2's iterator, decoding included.
+    """
+    body = response.extensions.get(BODY_EXTENSION)
+    if isinstance(body, _Body) and "content-encoding" not in response.headers:
+        return functools.partial(body.read, None)
+    pieces = response.aiter_bytes().__aiter__()
+
+    async def read() -> bytes:
+        try:
+            return await pieces.__anext__()
+        except StopAsyncIteration:
+            return b""
+
+    return read

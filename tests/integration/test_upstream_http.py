@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import httpx2
 import pytest
 import trustme
 
-from qna_gateway.upstream_http import Http11Transport
+from qna_gateway.upstream_http import Http11Transport, raw_reader
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Server:
     framing: str = "chunked"
     close_after_response: bool = False
     cut: bool = False
+    extra_headers: bytes = b""
     connections: int = 0
     requests: list[bytes] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -50,7 +52,8 @@ class Server:
                     "close": b"",
                 }[self.framing]
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n%s\r\n" % framing
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n%s%s\r\n"
+                    % (framing, self.extra_headers)
                 )
                 for piece in self.pieces:
                     await asyncio.sleep(self.delay)
@@ -201,3 +204,30 @@ async def test_a_response_closed_before_its_end_does_not_reuse_the_connection() 
         response = await http.get(f"http://127.0.0.1:{port}/")
         assert response.content == b"".join(PIECES)
     assert server.connections == 3
+
+
+async def test_the_raw_reader_reads_past_httpx_and_releases_the_connection() -> None:
+    server = Server(PIECES, delay=0.01)
+    async with serving(server) as port, client() as http:
+        for _ in range(2):
+            async with http.stream("GET", f"http://127.0.0.1:{port}/") as response:
+                read = raw_reader(response)
+                reads = []
+                while data := await read():
+                    reads.append(data)
+            assert reads == PIECES
+    assert server.connections == 1
+
+
+async def test_the_raw_reader_decodes_a_compressed_body() -> None:
+    server = Server([gzip.compress(b"".join(PIECES))], extra_headers=b"content-encoding: gzip\r\n")
+    async with (
+        serving(server) as port,
+        client() as http,
+        http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+    ):
+        read = raw_reader(response)
+        data = b""
+        while piece := await read():
+            data += piece
+    assert data == b"".join(PIECES)
