@@ -380,16 +380,22 @@ def _http_client(base_url: str | None) -> httpx2.AsyncClient:
     """The LLM's HTTP client: on the lean HTTP/1.1 transport, unless the environment names a
     proxy for the base URL, which httpx2's own transport (HTTP CONNECT, SOCKS) then handles.
     Either way as many connections as answers run, a hundred kept idle."""
-    url = urlsplit(base_url or "https://api.openai.com/v1")
-    proxies = urllib.request.getproxies()
-    proxied = bool(proxies.get(url.scheme) or proxies.get("all")) and not (
-        urllib.request.proxy_bypass(url.netloc)
-    )
-    if proxied:
+    if proxy_for(base_url or "https://api.openai.com/v1"):
         return openai.DefaultAsyncHttpxClient(
             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)
         )
     return openai.DefaultAsyncHttpxClient(transport=Http11Transport(max_idle=100))
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for `url` (`HTTPS_PROXY`, `ALL_PROXY`…), unless
+    `NO_PROXY` leaves it out."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return proxy
 
 
 _finishing: set[asyncio.Task[None]] = set()
