@@ -36,6 +36,9 @@ from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
 from .upstream_http import Http11Transport, raw_reader
 
+# Join a round's text pieces into one string every this many.
+COMPACT_PARTS = 64
+
 # How long to wait for the end of a body after [DONE] before giving its connection up.
 FINISH_READING_SECONDS = 2.0
 
@@ -448,7 +451,12 @@ def _read_chunk(chunk: _Chunk, result: _Round) -> Iterator[AnswerEvent]:
     for choice in chunk.choices:
         delta = choice.delta
         if delta.content:
-            result.text.append(delta.content)
+            text = result.text
+            text.append(delta.content)
+            if len(text) >= COMPACT_PARTS:
+                # A round keeps its text for a tool call's message; kept as a few strings,
+                # not one object per token, it costs a stream a few KB less.
+                text[:] = ["".join(text)]
             yield TextDelta(delta.content)
         for piece in delta.tool_calls or ():
             call = result.calls.setdefault(piece.index, _PartialCall())

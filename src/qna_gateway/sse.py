@@ -61,7 +61,8 @@ class EventStreamResponse:
         self._gone: str | None = None
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        loop = asyncio.get_running_loop()
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        loop = self._loop = asyncio.get_running_loop()
         main = asyncio.current_task()
         assert main is not None
         watcher: asyncio.Task[None] | None = None
@@ -94,7 +95,7 @@ class EventStreamResponse:
             log.warning("dropped an event stream whose client stopped reading")
 
     async def _send_body(self, send: Send, body: bytes) -> None:
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         self._sending_since = now
         await send({"type": "http.response.body", "body": body, "more_body": True})
         self._sending_since = None

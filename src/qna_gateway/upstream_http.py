@@ -44,6 +44,8 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.busy = False  # a request is out and its response not fully read
@@ -155,7 +157,7 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self, seconds: float | None, request: httpx2.Request) -> None:
         """Until the protocol has news (data, the end, an error), at most `seconds`."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waiter = self.waiter = loop.create_future()
         timer = None if seconds is None else loop.call_later(seconds, _expire, waiter)
         try:
