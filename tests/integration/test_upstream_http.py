@@ -11,6 +11,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -231,3 +232,24 @@ async def test_the_raw_reader_decodes_a_compressed_body() -> None:
         while piece := await read():
             data += piece
     assert data == b"".join(PIECES)
+
+
+async def test_the_default_tls_context_trusts_ssl_cert_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    server = Server(PIECES)
+    async with serving(server, tls=server_context) as port:
+        # By default (certifi's roots) a private CA's certificate is refused…
+        async with client() as http:
+            with pytest.raises(httpx2.ConnectError):
+                await http.get(f"https://localhost:{port}/")
+        # …and trusted once SSL_CERT_FILE names that CA, as for the rest of httpx2.
+        bundle = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(bundle))
+        monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+        async with client() as http:
+            response = await http.get(f"https://localhost:{port}/")
+            assert response.content == b"".join(PIECES)
