@@ -27,6 +27,7 @@ from .errors import exception_handlers
 from .lifecycle import Lifecycle, running_services
 from .limits import RateLimiter
 from .middleware import ObservabilityMiddleware
+from .openapi_doc import fix_overlapping_one_of
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .telemetry import Telemetry, create_telemetry
@@ -104,6 +105,7 @@ def create_app(
         ),
         logging_config=None,
     )
+    fix_overlapping_one_of(app)
     app.state.lifecycle = lifecycle
     app.state.settings = settings
     app.state.telemetry = telemetry

@@ -499,3 +499,31 @@ async def test_very_many_headers_are_refused_never_5xx(
     )
     raw = await raw_request(gw, request)
     assert status_of(raw) < 500, raw[:300]
+
+
+def _one_ofs(node: Any) -> list[list[Any]]:
+    if isinstance(node, dict):
+        found = [node["oneOf"]] if "oneOf" in node else []
+        return found + [f for value in node.values() for f in _one_ofs(value)]
+    if isinstance(node, list):
+        return [f for value in node for f in _one_ofs(value)]
+    return []
+
+
+async def test_no_one_of_in_the_document_has_members_a_value_can_match_twice(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """An integer is both `integer` and `number`: under `oneOf` a chat with `{"n": 42}` in its
+    metadata broke its own response schema (found by the negative fuzz run)."""
+    gw, alice = await fuzzing_gateway(gateway_factory)
+    document = (await gw.client.get("/schema/openapi.json")).json()
+    for members in _one_ofs(document):
+        types = {member.get("type") for member in members}
+        assert not {"integer", "number"} <= types, members
+    created = await gw.client.post(
+        "/v1/chats", json={"metadata": {"n": -3239585904323, "x": 1.5}}, headers=alice.auth
+    )
+    assert created.status_code == 201
+    schema = schemathesis.openapi.from_dict(document)
+    operation = schema["/v1/chats"]["POST"]
+    operation.validate_response(created)
