@@ -36,6 +36,9 @@ from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
 from .upstream_http import Http11Transport, raw_reader
 
+# Where the openai client goes when OPENAI_BASE_URL is unset.
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
 # Join a round's text pieces into one string every this many.
 COMPACT_PARTS = 64
 
@@ -383,7 +386,7 @@ def _http_client(base_url: str | None) -> httpx2.AsyncClient:
     """The LLM's HTTP client: on the lean HTTP/1.1 transport, unless the environment names a
     proxy for the base URL, which httpx2's own transport (HTTP CONNECT, SOCKS) then handles.
     Either way as many connections as answers run, a hundred kept idle."""
-    if proxy_for(base_url or "https://api.openai.com/v1"):
+    if proxy_for(base_url or OPENAI_DEFAULT_BASE_URL):
         return openai.DefaultAsyncHttpxClient(
             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)
         )
@@ -601,7 +604,7 @@ def _short(text: str, limit: int = 300) -> str:
 def provider_name(base_url: str | None) -> str:
     """gen_ai.provider.name from the endpoint: well-known hosts by name, else "openai"
     (the protocol spoken)."""
-    host = urlsplit(base_url).hostname or "" if base_url else "api.openai.com"
+    host = urlsplit(base_url or OPENAI_DEFAULT_BASE_URL).hostname or ""
     for marker, name in (("openrouter", "openrouter"), ("azure", "azure.ai.openai")):
         if marker in host:
             return name

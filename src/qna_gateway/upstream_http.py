@@ -73,12 +73,12 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.busy:  # nothing was asked: an idle connection is not to be trusted again
-            self._fail("the LLM sent data nobody asked for")
+            self.fail("the LLM sent data nobody asked for")
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(f"the LLM sent malformed HTTP: {exc}")
+            self.fail(f"the LLM sent malformed HTTP: {exc}")
             return
         if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
             self.transport.pause_reading()
@@ -88,11 +88,11 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         if self.until_close and self.headers_complete:
             self.complete = True
-        self._fail("the LLM closed the connection")
+        self.fail("the LLM closed the connection")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(str(exc) if exc else "the LLM closed the connection")
+        self.fail(str(exc) if exc else "the LLM closed the connection")
 
     # -- httptools callbacks
 
@@ -124,7 +124,8 @@ class _Connection(asyncio.Protocol):
 
     # -- for the transport and the body stream
 
-    def _fail(self, error: str) -> None:
+    def fail(self, error: str) -> None:
+        """Close the connection; `error` says why to whoever reads from it next."""
         self.closed = True
         if self.error is None:
             self.error = error
@@ -273,7 +274,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             self._idle_count -= 1
             if connection.reusable():
                 return connection
-            connection._fail("closed while idle")
+            connection.fail("closed while idle")
         return None
 
     async def _connect(
@@ -316,12 +317,12 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             self._idle.setdefault(connection.origin, []).append(connection)
             self._idle_count += 1
         else:
-            connection._fail("closed by the client")
+            connection.fail("closed by the client")
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
             for connection in idle:
-                connection._fail("closed by the client")
+                connection.fail("closed by the client")
         self._idle.clear()
         self._idle_count = 0
 
