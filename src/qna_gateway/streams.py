@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -23,14 +22,17 @@ from .errors import BadRequest
 from .events import (
     Ended,
     Reconnect,
+    StreamEvent,
     TextAppended,
     ToolEventAppended,
     ToolEventRecord,
 )
 from .schemas import Delta, Message, MessageStarted
+from .sse import EventSink
 from .store import messages as store
 from .store.pool import DB_ERRORS
 from .turn_manager import TurnManager
+from .turns import Turn
 
 log = logging.getLogger(__name__)
 
@@ -81,41 +83,54 @@ def tool_records(raw: list[Any]) -> list[ToolEventRecord]:
 
 
 class _Cursor:
-    """What this client has (text offset, tool events); turns what happens into what it lacks.
+    """What this client has (text offset, tool events): turns what happens into what it lacks
+    and emits that, possibly nothing. A `gap` (something happened that the client cannot be
+    given in order) makes the caller re-read the stored answer.
 
-    Every method returns the SSE chunks to send, possibly none. A `gap` (something happened
-    that the client cannot be given in order) makes the caller re-read the stored answer.
+    The first event carries the `retry:` hint; a hint alone would make some clients see an
+    event without an id.
     """
 
-    def __init__(self, message_id: UUID, offset: int = 0, tools: int = 0) -> None:
+    def __init__(
+        self, message_id: UUID, sink: EventSink, hint: bytes, position: Position | None
+    ) -> None:
         self.message_id = message_id
-        self.offset = offset
-        self.tools = tools
+        self.offset = position.offset if position else 0
+        self.tools = position.tools if position else 0
         self.gap = False
+        self.last = b""  # the last event emitted
+        self._emit = sink.emit
+        self._hint: bytes | None = hint
         self._tag = _tag(message_id)  # formatting the UUID per event showed in profiles
 
     def _id(self, *, end: bool = False) -> str:
         return _event_id(self._tag, self.offset, self.tools, end)
 
-    def text(self, start: int, text: str) -> Iterator[bytes]:
+    def send(self, chunk: bytes) -> None:
+        self.last = chunk
+        if self._hint is not None:
+            chunk, self._hint = self._hint + chunk, None
+        self._emit(chunk)
+
+    def text(self, start: int, text: str) -> None:
         end = start + len(text)
         if start > self.offset:
             self.gap = True
         elif end > self.offset:
             piece = text[self.offset - start :]
             self.offset = end
-            yield sse("message.delta", self._id(), _encode(Delta(piece)))
+            self.send(sse("message.delta", self._id(), _encode(Delta(piece))))
 
-    def tool(self, record: ToolEventRecord) -> Iterator[bytes]:
+    def tool(self, record: ToolEventRecord) -> None:
         if record.k <= self.tools:
             return
         if record.k > self.tools + 1 or record.o > self.offset:
             self.gap = True
             return
         self.tools = record.k
-        yield sse(record.event, self._id(), _encode(record.data))
+        self.send(sse(record.event, self._id(), _encode(record.data)))
 
-    def catch_up(self, content: str, records: list[ToolEventRecord]) -> Iterator[bytes]:
+    def catch_up(self, content: str, records: list[ToolEventRecord]) -> None:
         """Everything missed from a snapshot: text and tool events, each in its place."""
         self.gap = False
         for record in records:
@@ -124,97 +139,107 @@ class _Cursor:
             if record.o > len(content):  # its text is not stored yet; wait for it
                 break
             if record.o > self.offset:
-                yield from self.text(self.offset, content[self.offset : record.o])
-            yield from self.tool(record)
+                self.text(self.offset, content[self.offset : record.o])
+            self.tool(record)
         if len(content) > self.offset:
-            yield from self.text(self.offset, content[self.offset :])
+            self.text(self.offset, content[self.offset :])
         self.gap = False
 
-    def terminal(self, message: Message) -> bytes:
+    def terminal(self, message: Message) -> None:
         self.offset = max(self.offset, len(message.content))
-        return sse(f"message.{message.status}", self._id(end=True), _encode(message))
+        self.send(sse(f"message.{message.status}", self._id(end=True), _encode(message)))
 
-    def reconnect(self) -> bytes:
-        return sse("reconnect", self._id(), b"{}")
+    def reconnect(self) -> None:
+        self.send(sse("reconnect", self._id(), b"{}"))
 
 
 async def answer_events(
     manager: TurnManager,
     message: Message,
     position: Position | None,
+    sink: EventSink,
     *,
     user_message: Message | None = None,
-) -> AsyncGenerator[bytes]:
-    """The event stream of one assistant message, from `position` to its terminal event.
-
-    The first event carries the `retry:` hint; a hint alone would make some clients see an
-    event without an id.
-    """
-    hint = f"retry: {manager.settings.sse_retry_ms}\n".encode()
+) -> None:
+    """Emit the event stream of one assistant message, from `position` to its terminal event,
+    and return once the client has it all."""
     metrics = manager.telemetry.metrics
     metrics.open_streams.inc()
     if position is not None:
         metrics.resumes.inc()
-    first = True
-    last = b""
+    cursor = _Cursor(
+        message.id, sink, f"retry: {manager.settings.sse_retry_ms}\n".encode(), position
+    )
+    sent = False
     try:
-        async for chunk in _events(manager, message, position, user_message):
-            yield hint + chunk if first else chunk
-            first = False
-            last = chunk
+        await _events(manager, message, cursor, opening=position is None, user_message=user_message)
+        await sink.drained()  # emitted is not yet sent: a client can still stop reading
+        sent = True
     finally:
         metrics.open_streams.dec()
-        if last.startswith(b"id: ") and b"\nevent: reconnect\n" in last:
+        last = cursor.last
+        if sent and last.startswith(b"id: ") and b"\nevent: reconnect\n" in last:
             metrics.disconnects.labels("reconnect").inc()
-        elif b".end\nevent: message." not in last:
+        elif not sent or b".end\nevent: message." not in last:
             metrics.disconnects.labels("client").inc()
 
 
 async def _events(
     manager: TurnManager,
     message: Message,
-    position: Position | None,
+    cursor: _Cursor,
+    *,
+    opening: bool,
     user_message: Message | None,
-) -> AsyncIterator[bytes]:
-    cursor = _Cursor(message.id, position.offset, position.tools) if position else None
-    if cursor is None:
-        cursor = _Cursor(message.id)
+) -> None:
+    if opening:
         started = msgspec.structs.replace(
             message, content="", status="streaming", completed_at=None
         )
-        opening = MessageStarted(**msgspec.structs.asdict(started), user_message=user_message)
-        yield sse("message.started", event_id(message.id, 0), _encode(opening))
+        opening_event = MessageStarted(**msgspec.structs.asdict(started), user_message=user_message)
+        cursor.send(sse("message.started", event_id(message.id, 0), _encode(opening_event)))
 
     turn = manager.local(message.id)
     if turn is not None:
-        text, records, final, queue = turn.subscribe()
+        await _tail_local(turn, cursor)
+    else:
+        await _tail_remote(manager, message, cursor)
+
+
+async def _tail_local(turn: Turn, cursor: _Cursor) -> None:
+    """Follow an answer this process generates: each event goes out from the turn's task as
+    it happens (see sse.py)."""
+    ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def listen(event: StreamEvent) -> None:
+        if ended.done():
+            return
         try:
-            for chunk in cursor.catch_up(text, records):
-                yield chunk
-            while final is None:
-                event = await queue.get()
-                if isinstance(event, TextAppended):
-                    for chunk in cursor.text(event.start, event.text):
-                        yield chunk
-                elif isinstance(event, ToolEventAppended):
-                    for chunk in cursor.tool(event.record):
-                        yield chunk
-                elif isinstance(event, Ended):
-                    final = event.message
-            for chunk in cursor.catch_up(final.content, turn.tool_events):
-                yield chunk
-            yield cursor.terminal(final)
-        finally:
-            turn.unsubscribe(queue)
-        return
+            if isinstance(event, TextAppended):
+                cursor.text(event.start, event.text)
+            elif isinstance(event, ToolEventAppended):
+                cursor.tool(event.record)
+            elif isinstance(event, Ended):
+                finish(event.message)
+        except Exception as exc:  # the stream's failure, not the answer's
+            ended.set_exception(exc)
 
-    async for chunk in _tail_remote(manager, message, cursor):
-        yield chunk
+    def finish(final: Message) -> None:
+        cursor.catch_up(final.content, turn.tool_events)
+        cursor.terminal(final)
+        ended.set_result(None)
+
+    text, records, final, subscription = turn.subscribe(listen)
+    try:
+        cursor.catch_up(text, records)
+        if final is not None:
+            finish(final)
+        await ended
+    finally:
+        turn.unsubscribe(subscription)
 
 
-async def _tail_remote(
-    manager: TurnManager, message: Message, cursor: _Cursor
-) -> AsyncIterator[bytes]:
+async def _tail_remote(manager: TurnManager, message: Message, cursor: _Cursor) -> None:
     """Follow an answer that another process generates, through NOTIFY and the table."""
     if manager.draining.is_set():
         # Draining: this process will not be here to follow it; send the client elsewhere
@@ -222,12 +247,11 @@ async def _tail_remote(
         async with manager.pool.connection() as conn:
             stored = await store.read_answer(conn, message_id=message.id)
         if stored is not None:
-            for chunk in cursor.catch_up(stored[0].content, tool_records(stored[1])):
-                yield chunk
+            cursor.catch_up(stored[0].content, tool_records(stored[1]))
             if stored[0].is_terminal:
-                yield cursor.terminal(stored[0])
+                cursor.terminal(stored[0])
                 return
-        yield cursor.reconnect()
+        cursor.reconnect()
         return
     queue = manager.hub.subscribe(message.id)
     settings = manager.settings
@@ -253,21 +277,19 @@ async def _tail_remote(
                     if stored is None:  # the chat was deleted
                         return
                     current, raw_records = stored
-                    for chunk in cursor.catch_up(current.content, tool_records(raw_records)):
-                        yield chunk
+                    cursor.catch_up(current.content, tool_records(raw_records))
                     if current.is_terminal:
-                        yield cursor.terminal(current)
+                        cursor.terminal(current)
                         return
             try:
                 event = await asyncio.wait_for(queue.get(), beat)
             except TimeoutError:
                 continue
             if isinstance(event, Reconnect):
-                yield cursor.reconnect()
+                cursor.reconnect()
                 return
             if isinstance(event, TextAppended):
-                for chunk in cursor.text(event.start, event.text):
-                    yield chunk
+                cursor.text(event.start, event.text)
                 reread = cursor.gap
             else:  # a resync, a tool event, a final status: the table is the truth
                 reread = True

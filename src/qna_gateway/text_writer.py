@@ -67,7 +67,8 @@ class TextWriter:
         self._max_chars = max_chars
         self._metrics = metrics
         self._tracer = tracer
-        self._dirty: dict[UUID, Writable] = {}
+        # Keyed by the turn object itself: a UUID's hash is computed in Python, per delta.
+        self._dirty: dict[int, Writable] = {}
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._last = 0.0
@@ -87,14 +88,14 @@ class TextWriter:
 
     def mark(self, turn: Writable, waiting: int) -> None:
         """`turn` has `waiting` characters not stored yet. Called per delta: keep it cheap."""
-        self._dirty[turn.id] = turn
+        self._dirty[id(turn)] = turn
         self._wake.set()
         if waiting >= self._max_chars:
             self._full.set()
 
     def forget(self, turn: Writable) -> None:
         """The turn writes its own end; nothing more to do for it here."""
-        self._dirty.pop(turn.id, None)
+        self._dirty.pop(id(turn), None)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,7 +122,7 @@ class TextWriter:
         try:
             for turn in dirty.values():
                 if turn.write_lock.locked():  # its own write runs; the next round takes it
-                    self._dirty.setdefault(turn.id, turn)
+                    self._dirty.setdefault(id(turn), turn)
                     continue
                 await turn.write_lock.acquire()  # free, so this returns at once
                 batch = turn.pending()
@@ -164,7 +165,7 @@ class TextWriter:
                     log.warning("could not store streamed text yet: %s", exc)
                 self._failing = True
                 for turn, *_ in taken:
-                    self._dirty.setdefault(turn.id, turn)
+                    self._dirty.setdefault(id(turn), turn)
                 self._wake.set()
                 return
         if self._failing:

@@ -52,7 +52,8 @@ from .tools import SEARCH_TOOL_NAME, search_query_of
 
 log = logging.getLogger(__name__)
 
-Subscriber = asyncio.Queue[StreamEvent]
+# Called in the turn's task with each event, in order: it must be quick and must not wait.
+Listener = Callable[[StreamEvent], None]
 StopStatus = Literal["cancelled", "interrupted"]
 
 
@@ -101,7 +102,8 @@ class Turn:
         self._closing = False
         self._span_context: trace.SpanContext | None = None
 
-        self._subscribers: set[Subscriber] = set()
+        self._listeners: dict[object, Listener] = {}
+        self._fanout: tuple[Listener, ...] = ()  # the same, ready to iterate per token
         self._orphan_timer: asyncio.TimerHandle | None = None
         self._orphan_check: asyncio.Task[None] | None = None
 
@@ -138,27 +140,36 @@ class Turn:
 
     # -- subscribers -------------------------------------------------------------------------
 
-    def subscribe(self) -> tuple[str, list[ToolEventRecord], Message | None, Subscriber]:
-        """The text and tool events so far, the final message if ended, and a queue of what
-        comes next. Atomic (no await), so nothing falls between the snapshot and the queue.
+    def subscribe(
+        self, listener: Listener
+    ) -> tuple[str, list[ToolEventRecord], Message | None, object]:
+        """The text and tool events so far and the final message if ended; `listener` gets
+        what comes next. Atomic (no await), so nothing falls between the snapshot and the
+        first event. The last item is the subscription, for `unsubscribe`.
         """
-        queue: Subscriber = asyncio.Queue()
-        self._subscribers.add(queue)
+        subscription = object()
+        self._listeners[subscription] = listener
+        self._fanout = tuple(self._listeners.values())
         self._disarm_orphan_timer()
-        return self.text, list(self._tool_events), self.final, queue
+        return self.text, list(self._tool_events), self.final, subscription
 
-    def unsubscribe(self, queue: Subscriber) -> None:
-        self._subscribers.discard(queue)
-        if not self._subscribers and self.final is None:
+    def unsubscribe(self, subscription: object) -> None:
+        self._listeners.pop(subscription, None)
+        self._fanout = tuple(self._listeners.values())
+        if not self._listeners and self.final is None:
             self._arm_orphan_timer()
 
     @property
     def watchers(self) -> int:
-        return len(self._subscribers)
+        return len(self._listeners)
 
     def _publish(self, event: StreamEvent) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(event)
+        for listener in self._fanout:
+            try:
+                listener(event)
+            except Exception:
+                # A watcher's failure is its own; the answer goes on for the others.
+                log.exception("a watcher of answer %s failed", self.id)
 
     # -- the orphan rule ---------------------------------------------------------------------
 
@@ -174,7 +185,7 @@ class Turn:
 
     def _orphan_timeout(self) -> None:
         self._orphan_timer = None
-        if not self._subscribers and self.final is None:
+        if not self._listeners and self.final is None:
             self._orphan_check = asyncio.create_task(self._end_if_unwatched())
 
     async def _end_if_unwatched(self) -> None:
@@ -189,7 +200,7 @@ class Turn:
                 )
                 row = await cur.fetchone()
                 watched_recently = bool(row and row[0])
-        if self._subscribers or self.final is not None:
+        if self._listeners or self.final is not None:
             return
         if watched_recently:
             self._arm_orphan_timer()
@@ -227,7 +238,7 @@ class Turn:
 
     async def _run(self) -> None:
         self._started = time.monotonic()
-        if not self._subscribers:
+        if not self._listeners:
             self._arm_orphan_timer()
         status, finish_reason, error = "completed", "stop", None
         self._consumer = asyncio.create_task(self._consume(), name=f"answer-{self.id}")

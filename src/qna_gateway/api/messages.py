@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, cast
 
 from litestar import Controller, Request, Response, get, post
@@ -13,6 +14,7 @@ from litestar.types import ASGIApp
 
 from ..auth import Authenticator
 from ..errors import BadRequest, problem_responses
+from ..events import StreamEvent
 from ..lifecycle import Services
 from ..schemas import AskAccepted, AskRequest, Message, MessagePage
 from ..sse import EventStreamResponse
@@ -42,13 +44,17 @@ def event_stream(
     unless the caller already took it) while it is open."""
     release = slot or services.manager.stream_slots.acquire(principal)
     return EventStreamResponse(
-        answer_events(services.manager, message, position, user_message=user_message),
+        partial(answer_events, services.manager, message, position, user_message=user_message),
         headers=SSE_HEADERS,
         ping_seconds=services.settings.sse_ping_seconds,
         # A client that stops reading is dropped instead of buffering without end.
         send_timeout=services.settings.sse_send_timeout_seconds,
         on_close=release,
     )
+
+
+def _ignore(event: StreamEvent) -> None:
+    pass
 
 
 def _wants_sse(request: Request[Any, Any, Any]) -> bool:
@@ -141,11 +147,11 @@ class MessageController(Controller):
                     headers={"Location": stream_url, "Preference-Applied": "respond-async"},
                 )
             )
-        *_, queue = turn.subscribe()  # a waiting caller counts as a watcher
+        *_, subscription = turn.subscribe(_ignore)  # a waiting caller counts as a watcher
         try:
             await turn.done.wait()
         finally:
-            turn.unsubscribe(queue)
+            turn.unsubscribe(subscription)
         assert turn.final is not None
         return asgi(Response(turn.final, status_code=200))
 
