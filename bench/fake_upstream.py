@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Generator, Mapping, MutableMapping, Sequence
 from types import FrameType, TracebackType
 from typing import Annotated, Any, Final, Literal, Self, TypeVar
@@ -86,6 +87,8 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     tool_calls: tuple[ToolCall, ...] = ()
     tool_rounds: tuple[tuple[ToolCall, ...], ...] = ()
     seed: int | None = None
+    # Send the stream gzip-encoded, flushed per chunk (as some proxies in front of LLMs do).
+    gzip: bool = False
 
 
 # Presets shared by the CLI and benchmarks; PACED matches the numbers in the shared notes.
@@ -345,6 +348,24 @@ def _error_body(message: str, kind: str, code: str | None = None, param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def _gzipping(send: ASGISend) -> ASGISend:
+    """`send` with the body gzip-encoded, each piece flushed so the stream still streams."""
+    compressor = zlib.compressobj(wbits=31)  # 31: the gzip container
+
+    async def gzip_send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message["headers"], (b"content-encoding", b"gzip")]
+            message = {**message, "headers": headers}
+        else:
+            more = message.get("more_body", False)
+            body = compressor.compress(message.get("body", b""))
+            body += compressor.flush(zlib.Z_SYNC_FLUSH if more else zlib.Z_FINISH)
+            message = {**message, "body": body}
+        await send(message)
+
+    return gzip_send
+
+
 async def _send_error(
     send: ASGISend,
     status: int,
@@ -538,7 +559,7 @@ class FakeUpstreamApp:
         stats.active += 1
         try:
             if request.get("stream") is True:
-                await self._stream(send, gone, plan)
+                await self._stream(_gzipping(send) if plan.scenario.gzip else send, gone, plan)
             else:
                 await self._complete(send, gone, plan)
         except asyncio.CancelledError:

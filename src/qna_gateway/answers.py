@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from .schemas import Source, Usage
-
-
-@dataclass(frozen=True, slots=True)
-class TextDelta:
-    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +35,12 @@ class Finished:
     reason: str
 
 
-AnswerEvent = TextDelta | ToolCalled | ToolResult | UsageReported | Finished
+AnswerEvent = ToolCalled | ToolResult | UsageReported | Finished
+
+# Where an answerer puts its text, piece by piece as it comes. It is called synchronously,
+# possibly from a network callback rather than the task iterating the answer: it must be
+# quick and must not wait. What it raises fails the answer.
+TextSink = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +62,15 @@ class AnswerError(Exception):
 
 
 class Answerer(Protocol):
-    """Streams the answer to a conversation whose last line is the question."""
+    """Streams the answer to a conversation whose last line is the question: the text to
+    `on_text`, everything else as events, each in its place (text that comes before an event
+    is given to `on_text` before the event is yielded)."""
 
     @property
     def model(self) -> str: ...
 
-    def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]: ...
+    def answer(
+        self, conversation: Sequence[ChatLine], on_text: TextSink
+    ) -> AsyncIterator[AnswerEvent]: ...
 
     async def aclose(self) -> None: ...

@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Sequence
 
-from .answers import AnswerEvent, ChatLine, Finished, TextDelta, ToolCalled, ToolResult
+from .answers import AnswerEvent, ChatLine, Finished, TextSink, ToolCalled, ToolResult
 from .kb import KnowledgeBase
 from .telemetry import Telemetry
 from .tools import SEARCH_TOOL_NAME, traced_tool_run
@@ -29,7 +29,9 @@ class ExtractiveAnswerer:
     async def aclose(self) -> None:
         return None
 
-    async def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]:
+    async def answer(
+        self, conversation: Sequence[ChatLine], on_text: TextSink
+    ) -> AsyncIterator[AnswerEvent]:
         question = conversation[-1].content if conversation else ""
         arguments = json.dumps({"query": question})
         yield ToolCalled("search-1", SEARCH_TOOL_NAME, arguments)
@@ -50,5 +52,5 @@ class ExtractiveAnswerer:
             text = "".join(parts)
         # Word-sized pieces, so extractive answers stream like an LLM's.
         for piece in _PIECE.findall(text):
-            yield TextDelta(piece)
+            on_text(piece)
         yield Finished("stop")

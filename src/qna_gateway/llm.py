@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +23,7 @@ from .answers import (
     AnswerEvent,
     ChatLine,
     Finished,
-    TextDelta,
+    TextSink,
     ToolCalled,
     ToolResult,
     UsageReported,
@@ -34,7 +34,7 @@ from .schemas import Usage
 from .settings import Settings
 from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
-from .upstream_http import Http11Transport, raw_reader
+from .upstream_http import Http11Transport, body_follower, raw_reader
 
 # Where the openai client goes when OPENAI_BASE_URL is unset.
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -147,13 +147,15 @@ class OpenAIAnswerer:
     async def aclose(self) -> None:
         await self._client.close()
 
-    async def answer(self, conversation: Sequence[ChatLine]) -> AsyncIterator[AnswerEvent]:
+    async def answer(
+        self, conversation: Sequence[ChatLine], on_text: TextSink
+    ) -> AsyncIterator[AnswerEvent]:
         deadline = time.monotonic() + self._settings.llm_total_timeout_seconds
-        async for event in self._answer(conversation, deadline):
+        async for event in self._answer(conversation, on_text, deadline):
             yield event
 
     async def _answer(
-        self, conversation: Sequence[ChatLine], deadline: float
+        self, conversation: Sequence[ChatLine], on_text: TextSink, deadline: float
     ) -> AsyncIterator[AnswerEvent]:
         messages: list[dict[str, Any]] = [
             {"role": line.role, "content": line.content} for line in conversation
@@ -173,8 +175,7 @@ class OpenAIAnswerer:
             # The last round offers no tool, so the model has to answer with what it found.
             offer_tool = round_number < max_rounds
             result = _Round()
-            async for event in self._one_round(messages, offer_tool, result, deadline):
-                yield event
+            await self._one_round(messages, offer_tool, result, on_text, deadline)
             if result.usage is not None:
                 total_in += result.usage.input_tokens
                 total_out += result.usage.output_tokens
@@ -216,12 +217,17 @@ class OpenAIAnswerer:
         raise AnswerError("The model kept calling tools and never answered.")
 
     async def _one_round(
-        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round, deadline: float
-    ) -> AsyncIterator[AnswerEvent]:
+        self,
+        messages: list[dict[str, Any]],
+        offer_tool: bool,
+        result: _Round,
+        on_text: TextSink,
+        deadline: float,
+    ) -> None:
         """One chat-completions call, in a CLIENT span with the GenAI attributes.
 
-        The span is started, not made current: this generator yields to its consumer, and a
-        context attached across a yield would leak into it.
+        The span is started, not made current: the text goes out from the connection's
+        callback, and what runs there must not see this span as its own.
         """
         model = self._settings.model
         span = self._telemetry.tracer.start_span(
@@ -237,15 +243,14 @@ class OpenAIAnswerer:
         failure: str | None = None
         try:
             self._breaker.check()
-            async for event in self._stream_round(messages, offer_tool, result, deadline):
-                yield event
+            await self._stream_round(messages, offer_tool, result, on_text, deadline)
             self._breaker.succeeded()
         except AnswerError as exc:
             failure = exc.kind
             if exc.kind != "circuit_open":
                 self._breaker.failed()
             raise
-        except (asyncio.CancelledError, GeneratorExit):
+        except asyncio.CancelledError:
             failure = "cancelled"
             raise
         finally:
@@ -289,8 +294,13 @@ class OpenAIAnswerer:
         return body
 
     async def _stream_round(
-        self, messages: list[dict[str, Any]], offer_tool: bool, result: _Round, deadline: float
-    ) -> AsyncIterator[AnswerEvent]:
+        self,
+        messages: list[dict[str, Any]],
+        offer_tool: bool,
+        result: _Round,
+        on_text: TextSink,
+        deadline: float,
+    ) -> None:
         settings = self._settings
         started = time.monotonic()
         try:
@@ -307,35 +317,29 @@ class OpenAIAnswerer:
                 started=started,
                 deadline=deadline,
             )
+            reader = _RoundReader(result, on_text, watchdog)
             try:
-                # Raw bytes, split into lines here: one read often holds many events, and the
-                # layers of line iterators above it cost more than the parsing.
-                read = raw_reader(response)
-                data_lines = DataLines()
-                done = False
-                while not done:
-                    watchdog.reading(waiting_first=not result.text and not result.calls)
-                    try:
-                        data = await read()
-                    except asyncio.CancelledError:
-                        watchdog.raise_if_expired()
-                        raise
-                    finally:
-                        watchdog.read_done()
-                    if not data:
-                        break
-                    for payload in data_lines.feed(data):
-                        if payload == b"[DONE]":
-                            done = True
-                            break
-                        for event in _read_chunk(_chunk_decoder.decode(payload), result):
-                            yield event
+                follow = body_follower(response)
+                try:
+                    if follow is not None:
+                        # Each piece is parsed and its text sent on from the connection's
+                        # callback as it arrives; this task wakes at the round's end.
+                        await follow(reader.feed)
+                    else:
+                        read = raw_reader(response)
+                        while (data := await read()) and not reader.feed(data):
+                            pass
+                except asyncio.CancelledError:
+                    watchdog.raise_if_expired()
+                    raise
+                if reader.error is not None:
+                    raise reader.error
             finally:
                 watchdog.close()
-                if done:
+                if reader.done:
                     # The body's end usually follows [DONE] at once; read it in the background
                     # so the connection goes back to the pool without holding up the answer.
-                    task = asyncio.create_task(_finish_reading(read, response))
+                    task = asyncio.create_task(_finish_reading(raw_reader(response), response))
                     _finishing.add(task)
                     task.add_done_callback(_finishing.discard)
                 else:
@@ -437,8 +441,36 @@ class DataLines:
         return [line[5:].strip() for line in lines if line.startswith(b"data:")]
 
 
-def _read_chunk(chunk: _Chunk, result: _Round) -> Iterator[AnswerEvent]:
-    """Fold one chunk into the round; its text comes out as it is."""
+class _RoundReader:
+    """Reads one round's body: folds each chunk into the round and hands its text on."""
+
+    def __init__(self, result: _Round, on_text: TextSink, watchdog: _Watchdog) -> None:
+        self._result = result
+        self._on_text = on_text
+        self._watchdog = watchdog
+        self._lines = DataLines()
+        self.done = False  # [DONE] came
+        self.error: BaseException | None = None
+
+    def feed(self, data: bytes) -> bool:
+        """Take the next piece of the body; True once the round needs nothing more (it is
+        done, or failed: `error`). Never raises: it may run in the connection's callback."""
+        result = self._result
+        try:
+            for payload in self._lines.feed(data):
+                if payload == b"[DONE]":
+                    self.done = True
+                    return True
+                _read_chunk(_chunk_decoder.decode(payload), result, self._on_text)
+        except Exception as exc:
+            self.error = exc
+            return True
+        self._watchdog.progress(waiting_first=not result.text and not result.calls)
+        return False
+
+
+def _read_chunk(chunk: _Chunk, result: _Round, on_text: TextSink) -> None:
+    """Fold one chunk into the round; its text goes to `on_text` as it is."""
     if chunk.error is not None:
         raise AnswerError(
             f"The LLM reported an error mid-stream: {_short(str(chunk.error))}",
@@ -460,7 +492,7 @@ def _read_chunk(chunk: _Chunk, result: _Round) -> Iterator[AnswerEvent]:
                 # A round keeps its text for a tool call's message; kept as a few strings,
                 # not one object per token, it costs a stream a few KB less.
                 text[:] = ["".join(text)]
-            yield TextDelta(delta.content)
+            on_text(delta.content)
         for piece in delta.tool_calls or ():
             call = result.calls.setdefault(piece.index, _PartialCall())
             if piece.id:
@@ -501,8 +533,8 @@ class _Watchdog:
     itself, instead of a timeout set and cleared around every read.
 
     Until the first text or tool call the first-token limit runs from the request (role-only
-    chunks do not count); after it, the idle limit runs from the start of each read. Only a
-    read is cut: time the consumer spends between reads is not the LLM's.
+    chunks do not count); after it, the idle limit runs from the last piece of the body. The
+    reading task is cancelled when one runs out.
     """
 
     def __init__(self, *, first_token: float, idle: float, started: float, deadline: float) -> None:
@@ -518,32 +550,29 @@ class _Watchdog:
         self._idle = idle
         self._deadline = deadline + offset
         self._waiting_first = True
-        self._read_since: float | None = None
+        self._last = now
         self._expired: str | None = None
         self._handle = self._loop.call_at(self._due()[0], self._check)
 
-    def reading(self, *, waiting_first: bool) -> None:
-        self._read_since = self._loop.time()
+    def progress(self, *, waiting_first: bool) -> None:
+        """A piece of the body came; `waiting_first` while it held no text or tool call yet."""
+        self._last = self._loop.time()
         if self._waiting_first and not waiting_first:
             # The first token came: from now on the idle limit, which may come sooner.
             self._waiting_first = False
             self._handle.cancel()
             self._handle = self._loop.call_at(self._due()[0], self._check)
 
-    def read_done(self) -> None:
-        self._read_since = None
-
     def _due(self) -> tuple[float, str]:
         if self._waiting_first:
             when, which = self._first_due, "first_token"
         else:
-            since = self._read_since if self._read_since is not None else self._loop.time()
-            when, which = since + self._idle, "idle"
+            when, which = self._last + self._idle, "idle"
         return (self._deadline, "total") if self._deadline <= when else (when, which)
 
     def _check(self) -> None:
         when, which = self._due()
-        if self._read_since is not None and when <= self._loop.time():
+        if when <= self._loop.time():
             self._expired = which
             self._task.cancel()
         else:

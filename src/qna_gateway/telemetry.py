@@ -66,10 +66,11 @@ class Telemetry:
             self.provider.shutdown()
 
 
-def exemplar_of_current_span() -> dict[str, str] | None:
-    """`{"trace_id": ...}` for a histogram observation, when a span is recording."""
-    context = trace.get_current_span().get_span_context()
-    return {"trace_id": f"{context.trace_id:032x}"} if context.is_valid else None
+def exemplar_of(context: trace.SpanContext | None) -> dict[str, str] | None:
+    """`{"trace_id": ...}` of the span `context`, when it is a recorded span's."""
+    if context is None or not context.is_valid:
+        return None
+    return {"trace_id": f"{context.trace_id:032x}"}
 
 
 def tracing_configured(environ: Mapping[str, str]) -> bool:

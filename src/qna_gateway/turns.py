@@ -27,7 +27,6 @@ from .answers import (
     AnswerError,
     ChatLine,
     Finished,
-    TextDelta,
     ToolCalled,
     ToolResult,
     UsageReported,
@@ -46,7 +45,7 @@ from .schemas import Message, Source, Usage
 from .store import messages as store
 from .store.messages import storable
 from .store.pool import DB_ERRORS, NOT_TRANSIENT, Pool
-from .telemetry import GenAI, Telemetry, chat_id_var, exemplar_of_current_span
+from .telemetry import GenAI, Telemetry, chat_id_var, exemplar_of
 from .text_writer import TextWriter
 from .tools import SEARCH_TOOL_NAME, search_query_of
 
@@ -275,11 +274,8 @@ class Turn:
             await self._finish(status, finish_reason, error)
 
     async def _consume(self) -> None:
-        async for event in self._answerer.answer(self._conversation):
-            if isinstance(event, TextDelta):
-                # Cleaned here, so watchers get exactly the text that is stored.
-                self._append(storable(event.text))
-            elif isinstance(event, ToolCalled):
+        async for event in self._answerer.answer(self._conversation, self._on_text):
+            if isinstance(event, ToolCalled):
                 await self._tool_event("tool.call", _call_data(event))
             elif isinstance(event, ToolResult):
                 found = self._sources if self._sources is not None else []
@@ -298,11 +294,18 @@ class Turn:
             elif isinstance(event, Finished):
                 self._finish_reason = event.reason
 
+    def _on_text(self, text: str) -> None:
+        """The answerer's text sink: called as each piece arrives, possibly from the LLM
+        connection's callback (and sse.py's emit writes it to the clients from there too)."""
+        # Cleaned here, so watchers get exactly the text that is stored.
+        self._append(storable(text))
+
     def _append(self, text: str) -> None:
         if self._first_text_at is None:
             self._first_text_at = time.monotonic()
+            # Not the current span: this may run in a network callback's context.
             self._metrics.time_to_first_token.observe(
-                self._first_text_at - self._started, _exemplar()
+                self._first_text_at - self._started, exemplar_of(self._span_context)
             )
         self._metrics.tokens_relayed.inc()
         start = self._length
@@ -481,7 +484,3 @@ def _call_data(event: ToolCalled) -> dict[str, object]:
         with contextlib.suppress(ValueError):
             data["query"] = search_query_of(event.arguments)
     return data
-
-
-def _exemplar() -> dict[str, str] | None:
-    return exemplar_of_current_span()

@@ -3,8 +3,9 @@
 An answer is one socket read per token. Through httpcore2 every read went through its
 connection state machine (h11) and several stream layers, and together they cost more than
 the rest of relaying a token (bench/results/profile.md). Here the bytes are parsed by
-httptools (llhttp, in C) in the protocol callback as they arrive, and the body stream hands
-over whatever has been decoded since the last read.
+httptools (llhttp, in C) in the protocol callback as they arrive; the body stream hands over
+whatever has been decoded since the last read, or (`follow`) hands each piece to a callback
+as it is decoded, so that relaying a token wakes no task at all.
 
 It speaks what the LLM client needs and nothing more: HTTP/1.1 over TCP or TLS, one request
 at a time per connection, idle keep-alive connections reused per origin, the connect and
@@ -64,6 +65,8 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.reading_paused = False
         self.waiter: asyncio.Future[None] | None = None
+        # Set by `_Body.follow`: the body goes to it as httptools decodes it, not to `body`.
+        self.listener: Callable[[bytes], bool] | None = None
 
     # -- asyncio.Protocol
 
@@ -80,6 +83,8 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.fail(f"the LLM sent malformed HTTP: {exc}")
             return
+        if self.listener is not None and not self.complete:
+            return  # the listener took the body; its reader has no news
         if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
             self.transport.pause_reading()
             self.reading_paused = True
@@ -114,8 +119,13 @@ class _Connection(asyncio.Protocol):
         )
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self.buffered += len(body)
+        listener = self.listener
+        if listener is None:
+            self.body.append(body)
+            self.buffered += len(body)
+        elif listener(body):  # it has had what it wanted: the rest is buffered for a read
+            self.listener = None
+            self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -218,6 +228,25 @@ class _Body(httpx2.AsyncByteStream):
                     f"the response ended early: {connection.error}", request=self._request
                 )
             await connection.wait(seconds, self._request)
+
+    async def follow(self, on_data: Callable[[bytes], bool]) -> None:
+        """Hand the body to `on_data` piece by piece as it arrives, called from the
+        connection's own callback (no task wakes up per piece), until `on_data` returns True
+        or the body ends; raise if the connection breaks first. `on_data` must not raise.
+        What follows its True is left for `read`."""
+        connection = self._connection
+        if connection.body and on_data(connection.take()):
+            return
+        connection.listener = on_data
+        try:
+            while connection.listener is not None and not connection.complete:
+                if connection.closed:
+                    raise httpx2.RemoteProtocolError(
+                        f"the response ended early: {connection.error}", request=self._request
+                    )
+                await connection.wait(None, self._request)
+        finally:
+            connection.listener = None
 
     async def aclose(self) -> None:
         self._transport.release(self._connection)
@@ -341,6 +370,17 @@ def _head(request: httpx2.Request, body: bytes) -> bytes:
         lines.append(b"Content-Length: %d\r\n" % len(body))
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def body_follower(
+    response: httpx2.Response,
+) -> Callable[[Callable[[bytes], bool]], Awaitable[None]] | None:
+    """`_Body.follow` for a body from this transport that is not content-encoded; None for
+    any other (read those with `raw_reader`)."""
+    body = response.extensions.get(BODY_EXTENSION)
+    if isinstance(body, _Body) and "content-encoding" not in response.headers:
+        return body.follow
+    return None
 
 
 def raw_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]]:

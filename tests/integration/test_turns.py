@@ -58,6 +58,24 @@ async def test_llm_answer_streams_and_is_stored_with_usage(
     row = await stored(db, final["id"])
     assert row["content"] == answer_text(Scenario(tokens=30)) == deltas_text(events)
     assert row["status"] == "completed"
+
+
+async def test_a_gzip_encoded_stream_from_the_llm_is_decoded_and_relayed_whole(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    """An encoded body cannot be parsed as it arrives on the connection: it goes through
+    httpx2's decoding reader instead, token for token all the same."""
+    upstream.set_scenario(tokens=25, gzip=True)
+    chat_id = await llm_gateway.create_chat()
+    events = await stream_events(
+        llm_gateway.client, "POST", f"/v1/chats/{chat_id}/messages", json={"content": "Hi"}
+    )
+    scenario = Scenario(tokens=25)
+    assert [e.data["text"] for e in events if e.event == "message.delta"] == answer_tokens(scenario)
+    assert events[-1].event == "message.completed"
+    assert events[-1].data["usage"]["output_tokens"] == 25
+    row = await stored(db, events[-1].data["id"])
+    assert row["content"] == answer_text(scenario)
     assert row["finish_reason"] == "stop"
 
 

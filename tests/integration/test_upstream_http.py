@@ -12,12 +12,13 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 import trustme
 
-from qna_gateway.upstream_http import Http11Transport, raw_reader
+from qna_gateway.upstream_http import Http11Transport, body_follower, raw_reader
 
 
 @dataclass
@@ -232,6 +233,68 @@ async def test_the_raw_reader_decodes_a_compressed_body() -> None:
         while piece := await read():
             data += piece
     assert data == b"".join(PIECES)
+
+
+async def test_follow_hands_each_piece_over_as_it_arrives_and_leaves_the_rest_to_read() -> None:
+    server = Server([b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n", b"after"], delay=0.02)
+    async with serving(server) as port, client() as http:
+        for _ in range(2):
+            async with http.stream("GET", f"http://127.0.0.1:{port}/") as response:
+                follow = body_follower(response)
+                assert follow is not None
+                seen: list[tuple[bytes, asyncio.Task[object] | None]] = []
+
+                def on_data(data: bytes, seen: list[Any] = seen) -> bool:
+                    seen.append((data, asyncio.current_task()))
+                    return b"[DONE]" in data
+
+                await follow(on_data)
+                # Delivered from the connection's callback, not from a task.
+                assert [data for data, _ in seen] == server.pieces[:3]
+                assert all(task is None for _, task in seen)
+                read = raw_reader(response)
+                rest = b""
+                while piece := await read():
+                    rest += piece
+                assert rest == b"after"
+    assert server.connections == 1  # read to its end, the connection was reused
+
+
+async def test_follow_returns_at_the_end_of_a_body_and_raises_when_it_is_cut() -> None:
+    pieces: list[bytes] = []
+
+    def keep(data: bytes) -> bool:
+        pieces.append(data)
+        return False  # never done: the body's end ends it
+
+    async with (
+        serving(Server(PIECES, delay=0.01)) as port,
+        client() as http,
+        http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+    ):
+        follow = body_follower(response)
+        assert follow is not None
+        await follow(keep)
+    assert b"".join(pieces) == b"".join(PIECES)
+    async with (
+        serving(Server(PIECES, delay=0.01, cut=True)) as port,
+        client() as http,
+        http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+    ):
+        follow = body_follower(response)
+        assert follow is not None
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await follow(keep)
+
+
+async def test_no_follower_for_an_encoded_body() -> None:
+    server = Server([gzip.compress(b"".join(PIECES))], extra_headers=b"content-encoding: gzip\r\n")
+    async with (
+        serving(server) as port,
+        client() as http,
+        http.stream("GET", f"http://127.0.0.1:{port}/") as response,
+    ):
+        assert body_follower(response) is None
 
 
 async def test_the_default_tls_context_trusts_ssl_cert_file(
