@@ -136,7 +136,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         ),
         tokens_relayed=Counter(
             "llm_tokens_relayed_total",
-            "Text pieces (deltas) received from the answerer and relayed to subscribers.",
+            "Text pieces (deltas) received from the answerer and relayed to subscribers"
+            " (added 16 at a time while an answer streams, the rest when it ends).",
             registry=registry,
         ),
         resumes=Counter(
