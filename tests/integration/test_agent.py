@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import httpx
@@ -203,3 +204,49 @@ async def test_live_resume_after_a_tool_event(llm_gateway: Gateway, upstream: Fa
     assert not [e for e in rest if e.event.startswith("tool.") or e.event == "message.started"]
     assert deltas_text(rest) == answer_text(Scenario(tokens=40))
     assert rest[-1].event == "message.completed"
+
+
+async def test_tool_events_the_database_refuses_end_the_answer_failed_with_its_whole_text(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    """PostgreSQL refusing the answer's tool events (the one part of the end not already
+    cleaned of what it cannot hold) will refuse them again however long the gateway waits:
+    the end is stored without them, `failed` and saying why, with the whole text."""
+    chat_id = await llm_gateway.create_chat()
+    name = f"refuse_tool_events_{uuid.uuid4().hex}"
+    # Every change of this chat's tool events fails as bad data would (22023 → DataError).
+    await db.execute(
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" IF NEW.chat_id = '{chat_id}' AND NEW.tool_events IS DISTINCT FROM OLD.tool_events"
+        " THEN RAISE EXCEPTION 'tool events refused' USING ERRCODE = '22023'; END IF;"
+        " RETURN NEW; END $$"
+    )
+    await db.execute(
+        f"CREATE TRIGGER {name} BEFORE UPDATE ON messages FOR EACH ROW EXECUTE FUNCTION {name}()"
+    )
+    try:
+        upstream.set_scenario(tool_calls=[DEPOSIT_CALL], text="The deposit is $100.")
+        events = await stream_events(
+            llm_gateway.client,
+            "POST",
+            f"/v1/chats/{chat_id}/messages",
+            json={"content": "How much is the deposit?"},
+        )
+    finally:
+        await db.execute(f"DROP TRIGGER {name} ON messages")
+        await db.execute(f"DROP FUNCTION {name}()")
+    # The stream had the tool events as they happened; its end says what was stored.
+    assert [e.event for e in events][1:3] == ["tool.call", "tool.result"]
+    final = events[-1]
+    assert final.event == "message.failed"
+    assert final.data["content"] == "The deposit is $100." == deltas_text(events)
+    assert "could not be stored whole" in final.data["error"]
+    cur = await db.execute(
+        "SELECT status, content, error, tool_events FROM messages WHERE id = %s",
+        (final.data["id"],),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    assert row[:2] == ("failed", "The deposit is $100.")
+    assert "tool events refused" in row[2]
+    assert row[3] == []
