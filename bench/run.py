@@ -58,6 +58,9 @@ from bench.stack import (
 
 # Other processes may use this much of the machine (in cores) before a window starts.
 QUIET_CORES: Final = 0.15
+# A process under test using more than this is still busy with the previous window.
+BUSY_CORES: Final = 0.1
+SYSTEMS: Final = ("gateway", "litellm")
 ZERO_SINGLE_STREAMS: Final = 20
 
 
@@ -242,8 +245,10 @@ class Bench:
                 return waited
 
     async def quiesce(self, within: float = 20.0) -> float:
-        """Wait until the upstream serves nothing and the gateway has no open stream (a cut
-        stream's turn runs on for QNA_ORPHAN_SECONDS)."""
+        """Wait until the upstream serves nothing, the gateway has no open stream (a cut
+        stream's turn runs on for QNA_ORPHAN_SECONDS) and no process under test is still
+        working off the last window: requests a saturated proxy has queued keep its core
+        busy after the load generator gave up on them, and the gateway shares that core."""
         assert self.upstream is not None
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -252,6 +257,11 @@ class Bench:
             if not busy and self.gateway is not None:
                 metrics = await self.gateway.metrics()
                 busy = metrics.get("sse_open_streams", 0) > 0
+            if not busy:
+                before = await self._usage()
+                await asyncio.sleep(0.5)  # /proc counts CPU in 10 ms ticks
+                working = cpu_delta(before, await self._usage())
+                busy = any(working.get(name, 0.0) / 0.5 > BUSY_CORES for name in SYSTEMS)
             if not busy:
                 return loop.time() - start
             await asyncio.sleep(0.25)
