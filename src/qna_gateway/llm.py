@@ -86,6 +86,7 @@ class _Chunk(msgspec.Struct):
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
+_encode_json = msgspec.json.Encoder().encode
 
 
 @dataclass
@@ -308,7 +309,9 @@ class OpenAIAnswerer:
                 response = await self._client.post(
                     "/chat/completions",
                     cast_to=httpx2.Response,
-                    body=self._request_body(messages, offer_tool),
+                    # Encoded here: the SDK's json.dumps of a long history costs several
+                    # times msgspec's. Content-Type stays the SDK's default, JSON.
+                    content=_encode_json(self._request_body(messages, offer_tool)),
                     stream=True,
                 )
             watchdog = _Watchdog(

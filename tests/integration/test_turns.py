@@ -58,6 +58,9 @@ async def test_llm_answer_streams_and_is_stored_with_usage(
     row = await stored(db, final["id"])
     assert row["content"] == answer_text(Scenario(tokens=30)) == deltas_text(events)
     assert row["status"] == "completed"
+    # The request the gateway encodes itself still goes out as JSON.
+    assert upstream.stats()["last_headers"]["content-type"] == "application/json"
+    assert upstream.last_request()["messages"][-1] == {"role": "user", "content": "Hi"}
 
 
 async def test_a_gzip_encoded_stream_from_the_llm_is_decoded_and_relayed_whole(
