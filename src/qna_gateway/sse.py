@@ -1,12 +1,13 @@
 """The SSE response: whole events written to the ASGI `send` the moment they are emitted.
 
-A stream's producer calls `emit(chunk)` from whatever task has the news, usually the turn task
-generating the answer: the chunk is written to the connection then and there, without waking
-the request's task and every frame of the ASGI stack above it (at hundreds of streams that
-wake-up per token was about a third of the gateway's CPU, bench/results/profile.md). Only when
-the connection is slow (the server's send waits for the transport to drain) does a task take
-over the sending, and emits queue behind it in order. One helper task per stream does the rare
-things: notice the client leaving, ping an idle stream, drop a client that stopped reading.
+A stream's producer calls `emit(chunk)` from wherever the news is, usually the LLM
+connection's callback as a token arrives (through the turn and its listeners): the chunk is
+written to the client's connection then and there, without waking the request's task and every
+frame of the ASGI stack above it (that wake-up, with the queue it came through, was a sixth of
+the Python calls per relayed token, counted with cProfile). Only when the client's connection is
+slow (the server's send waits for the transport to drain) does a task take over the sending,
+and emits queue behind it in order. One helper task per stream does the rare things: notice the
+client leaving, ping an idle stream, drop a client that stopped reading.
 """
 
 from __future__ import annotations
