@@ -3,7 +3,7 @@
 A stream's producer calls `emit(chunk)` from wherever the news is, usually the LLM
 connection's callback as a token arrives (through the turn and its listeners): the chunk is
 written to the client's connection then and there, without waking the request's task and every
-frame of the ASGI stack above it (with the queue it came through, that wake-up was a fifth of
+frame of the ASGI stack above it (with the queue it came through, that wake-up was a quarter of
 the calls per relayed token, counted with cProfile). Only when the client's connection is
 slow (the server's send waits for the transport to drain) does a task take over the sending,
 and emits queue behind it in order. One helper task per stream does the rare things: notice the
