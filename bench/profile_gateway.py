@@ -4,12 +4,19 @@ Starts the same stack as `bench.run` (without LiteLLM), runs one window of paced
 zero-delay streams through the gateway, and samples the gateway with py-spy meanwhile
 (non-blocking, pinned to the load core). Writes bench/results/profile.svg (flame graph),
 profile.txt (collapsed stacks) and profile.md (the hottest functions and areas).
+
+With `--count-calls` it counts instead of sampling: cProfile runs in the gateway for the window
+only (switched by SIGUSR1, see bench/callcount/) and profile-calls.md says how many calls, and
+which, each relayed token cost. Counts do not drift with the machine as CPU seconds do on a
+shared VM, so they compare two refs where timings cannot.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import pstats
 import shutil
 import signal
 import subprocess
@@ -23,6 +30,8 @@ from typing import Final
 from bench.options import RESULTS, options_from_args
 from bench.procs import pinned
 from bench.run import Bench, WindowRecord
+
+CALLCOUNT_HOOK: Final = Path(__file__).parent / "callcount"
 
 # Where a frame's file lives → the area of the stack it belongs to (first match wins).
 AREAS: Final = (
@@ -116,6 +125,10 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
     if args.phase != "paced":
         levels = ["--levels", "", "--zero-levels", str(args.streams)]
     options = options_from_args(["--no-litellm", "--rounds", "1", *levels, *args.passthrough])
+    stats_path = work / "calls.prof"
+    if args.count_calls:
+        options.gateway_env["PYTHONPATH"] = str(CALLCOUNT_HOOK)
+        options.gateway_env["QNA_BENCH_CPROFILE"] = str(stats_path)
     bench = Bench(options, work)
     try:
         await bench.start()
@@ -143,6 +156,9 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
         # Every chat the window needs exists before sampling starts.
         await bench.ensure_chats(record.level * record.streams_per_worker)
         await bench.wait_quiet()
+        if args.count_calls:
+            await _count_calls(bench, record, stats_path)
+            return _calls_report(args, bench, record, stats_path)
         pid = str(bench.gateway.service.pid)
         out = args.out_dir
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -205,6 +221,61 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
     )
 
 
+async def _count_calls(bench: Bench, record: WindowRecord, stats_path: Path) -> None:
+    assert bench.gateway is not None
+    pid = bench.gateway.service.pid
+    os.kill(pid, signal.SIGUSR1)  # cProfile on
+    await asyncio.sleep(0.2)
+    await bench.run_window(record)
+    os.kill(pid, signal.SIGUSR1)  # off, and the stats written
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while loop.time() < deadline:
+        if await asyncio.to_thread(stats_path.exists):
+            await asyncio.sleep(0.5)  # written whole
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the gateway wrote no call counts to {stats_path}")
+
+
+def _calls_report(
+    args: argparse.Namespace, bench: Bench, record: WindowRecord, stats_path: Path
+) -> str:
+    stats: dict[tuple[str, int, str], tuple[int, int, float, float, object]]
+    stats = pstats.Stats(str(stats_path)).stats  # type: ignore[attr-defined]
+    chunks = max(int(record.loadgen.get("chunks", 0) or 0), 1)
+    total = sum(v[1] for v in stats.values())
+    python = sum(v[1] for k, v in stats.items() if k[0] != "~")
+    what = "ask" if args.phase == "ask" else "relayed token"
+
+    def where(key: tuple[str, int, str]) -> str:
+        path, line, name = key
+        if path == "~":
+            return f"`{name}` (C)"
+        short = path.split("site-packages/")[-1].split("/src/")[-1].split("/lib/python3")[-1]
+        return f"`{name}` ({short}:{line})"
+
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][1])[:30]
+    lines = [
+        f"# Gateway call counts: {args.streams} {args.phase} streams",
+        "",
+        f"Reproduce: `python -m bench.profile_gateway --count-calls --phase {args.phase}"
+        f" --streams {args.streams}`. Gateway: {bench.meta.get('gateway_source')}.",
+        "",
+        f"cProfile in the gateway for the window only: {chunks} {what}s"
+        f"{' (one-token answers)' if args.phase == 'ask' else ''}, **{total / chunks:.1f} calls"
+        f" per {what}**, {python / chunks:.1f} of them to Python functions (the rest to"
+        " builtins and C methods)."
+        + (" The asks that start the streams are included." if args.phase != "ask" else ""),
+        "",
+        f"| calls per {what} | function |",
+        "|---:|---|",
+        *(f"| {v[1] / chunks:.2f} | {where(k)} |" for k, v in rows),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_gateway", description=__doc__)
     parser.add_argument(
@@ -215,6 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--streams", type=int, default=30)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument(
+        "--count-calls",
+        action="store_true",
+        help="count calls per token with cProfile instead of sampling (profile-calls.md)",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
         "passthrough", nargs="*", help="further bench.run options (after --), e.g. --gateway-ref"
@@ -223,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="qna-profile-"))
     text = asyncio.run(_profile(args, work))
-    (args.out_dir / f"{_stem(args.phase)}.md").write_text(text)
+    suffix = "-calls" if args.count_calls else ""
+    (args.out_dir / f"{_stem(args.phase)}{suffix}.md").write_text(text)
     print(text)
     subprocess.run(["rm", "-rf", str(work)], check=False)
     return 0

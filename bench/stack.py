@@ -330,9 +330,10 @@ async def start_gateway(
     work_dir: Path,
     core: int | None,
 ) -> Gateway:
+    # A PYTHONPATH in extra_env adds folders after the source (profile_gateway's hooks).
+    pythonpath = os.pathsep.join(filter(None, (str(source), extra_env.get("PYTHONPATH"))))
     env = clean_env(
         {
-            "PYTHONPATH": str(source),
             "DATABASE_URL": database_url,
             "OPENAI_BASE_URL": upstream.base_url,
             "QNA_MODEL": MODEL,
@@ -346,6 +347,7 @@ async def start_gateway(
             "QNA_ORPHAN_SECONDS": "1",
             **GATEWAY_LIMITS_OFF,
             **extra_env,
+            "PYTHONPATH": pythonpath,
         }
     )
     # cwd is a scratch folder so a developer's .env cannot change what is measured.
