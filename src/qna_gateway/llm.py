@@ -321,6 +321,8 @@ class OpenAIAnswerer:
                 deadline=deadline,
             )
             reader = _RoundReader(result, on_text, watchdog)
+            # What the reader leaves after [DONE] is read with `read` (one iterator per body).
+            read = raw_reader(response)
             try:
                 follow = body_follower(response)
                 try:
@@ -329,7 +331,6 @@ class OpenAIAnswerer:
                         # callback as it arrives; this task wakes at the round's end.
                         await follow(reader.feed)
                     else:
-                        read = raw_reader(response)
                         while (data := await read()) and not reader.feed(data):
                             pass
                 except asyncio.CancelledError:
@@ -342,7 +343,7 @@ class OpenAIAnswerer:
                 if reader.done:
                     # The body's end usually follows [DONE] at once; read it in the background
                     # so the connection goes back to the pool without holding up the answer.
-                    task = asyncio.create_task(_finish_reading(raw_reader(response), response))
+                    task = asyncio.create_task(_finish_reading(read, response))
                     _finishing.add(task)
                     task.add_done_callback(_finishing.discard)
                 else:
