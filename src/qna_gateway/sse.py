@@ -90,7 +90,7 @@ class EventStreamResponse:
             send = scope.get(RAW_SEND, send)
             self._last_sent = loop.time()
             self._send = send
-            watcher = asyncio.create_task(self._watch(receive, main))
+            watcher = asyncio.create_task(self._watch(receive))
             await self._produce(self)
             await self.drained()
             self._closed = True
@@ -162,7 +162,7 @@ class EventStreamResponse:
             self._gone = reason
             self._main.cancel()
 
-    async def _watch(self, receive: Receive, main: asyncio.Task[Any]) -> None:
+    async def _watch(self, receive: Receive) -> None:
         loop = self._loop
         while not self._closed:
             # While a send runs no ping is needed, only a limit on how long it may take.

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import msgspec
@@ -94,11 +94,10 @@ class _Cursor:
     def __init__(
         self, message_id: UUID, sink: EventSink, hint: bytes, position: Position | None
     ) -> None:
-        self.message_id = message_id
         self.offset = position.offset if position else 0
         self.tools = position.tools if position else 0
         self.gap = False
-        self.last = b""  # the last event emitted
+        self.ended_with: Literal["terminal", "reconnect"] | None = None  # once sent
         self._emit = sink.emit
         self._hint: bytes | None = hint
         self._tag = _tag(message_id)  # formatting the UUID per event showed in profiles
@@ -107,7 +106,6 @@ class _Cursor:
         return _event_id(self._tag, self.offset, self.tools, end)
 
     def send(self, chunk: bytes) -> None:
-        self.last = chunk
         if self._hint is not None:
             chunk, self._hint = self._hint + chunk, None
         self._emit(chunk)
@@ -148,9 +146,11 @@ class _Cursor:
     def terminal(self, message: Message) -> None:
         self.offset = max(self.offset, len(message.content))
         self.send(sse(f"message.{message.status}", self._id(end=True), _encode(message)))
+        self.ended_with = "terminal"
 
     def reconnect(self) -> None:
         self.send(sse("reconnect", self._id(), b"{}"))
+        self.ended_with = "reconnect"
 
 
 async def answer_events(
@@ -177,10 +177,9 @@ async def answer_events(
         sent = True
     finally:
         metrics.open_streams.dec()
-        last = cursor.last
-        if sent and last.startswith(b"id: ") and b"\nevent: reconnect\n" in last:
+        if sent and cursor.ended_with == "reconnect":
             metrics.disconnects.labels("reconnect").inc()
-        elif not sent or b".end\nevent: message." not in last:
+        elif not sent or cursor.ended_with != "terminal":
             metrics.disconnects.labels("client").inc()
 
 
@@ -207,8 +206,8 @@ async def _events(
 
 
 async def _tail_local(turn: Turn, cursor: _Cursor) -> None:
-    """Follow an answer this process generates: each event goes out from the turn's task as
-    it happens (see sse.py)."""
+    """Follow an answer this process generates: each event goes out as the turn publishes
+    it, from the LLM connection's callback or the turn's task (see sse.py)."""
     ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def listen(event: StreamEvent) -> None:

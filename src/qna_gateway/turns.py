@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 # rest when it ends).
 TOKENS_REPORTED_EVERY = 16
 
-# Called in the turn's task with each event, in order: it must be quick and must not wait.
+# Called with each event, in order, from the turn's task or the LLM connection's callback
+# (text): it must be quick and must not wait.
 Listener = Callable[[StreamEvent], None]
 StopStatus = Literal["cancelled", "interrupted"]
 

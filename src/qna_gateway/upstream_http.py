@@ -224,9 +224,7 @@ class _Body(httpx2.AsyncByteStream):
             if connection.complete:
                 return b""
             if connection.closed:
-                raise httpx2.RemoteProtocolError(
-                    f"the response ended early: {connection.error}", request=self._request
-                )
+                raise self._ended_early()
             await connection.wait(seconds, self._request)
 
     async def follow(self, on_data: Callable[[bytes], bool]) -> None:
@@ -241,12 +239,15 @@ class _Body(httpx2.AsyncByteStream):
         try:
             while connection.listener is not None and not connection.complete:
                 if connection.closed:
-                    raise httpx2.RemoteProtocolError(
-                        f"the response ended early: {connection.error}", request=self._request
-                    )
+                    raise self._ended_early()
                 await connection.wait(None, self._request)
         finally:
             connection.listener = None
+
+    def _ended_early(self) -> httpx2.RemoteProtocolError:
+        return httpx2.RemoteProtocolError(
+            f"the response ended early: {self._connection.error}", request=self._request
+        )
 
     async def aclose(self) -> None:
         self._transport.release(self._connection)
@@ -372,15 +373,22 @@ def _head(request: httpx2.Request, body: bytes) -> bytes:
     return b"".join(lines)
 
 
+def _plain_body(response: httpx2.Response) -> _Body | None:
+    """The body stream of a response from this transport, unless it is content-encoded: only
+    then can its bytes be taken straight from the connection."""
+    body = response.extensions.get(BODY_EXTENSION)
+    if isinstance(body, _Body) and "content-encoding" not in response.headers:
+        return body
+    return None
+
+
 def body_follower(
     response: httpx2.Response,
 ) -> Callable[[Callable[[bytes], bool]], Awaitable[None]] | None:
     """`_Body.follow` for a body from this transport that is not content-encoded; None for
     any other (read those with `raw_reader`)."""
-    body = response.extensions.get(BODY_EXTENSION)
-    if isinstance(body, _Body) and "content-encoding" not in response.headers:
-        return body.follow
-    return None
+    body = _plain_body(response)
+    return body.follow if body is not None else None
 
 
 def raw_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]]:
@@ -390,8 +398,8 @@ def raw_reader(response: httpx2.Response) -> Callable[[], Awaitable[bytes]]:
     without a timer per read: the caller keeps its own clock (llm.py's watchdog). Any other
     body goes through httpx2's iterator, decoding included.
     """
-    body = response.extensions.get(BODY_EXTENSION)
-    if isinstance(body, _Body) and "content-encoding" not in response.headers:
+    body = _plain_body(response)
+    if body is not None:
         return functools.partial(body.read, None)
     pieces = response.aiter_bytes().__aiter__()
 

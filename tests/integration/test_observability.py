@@ -179,6 +179,9 @@ async def test_metrics_after_known_traffic(
     assert value(found, "llm_tokens_relayed_total") == 12
     assert value(found, "llm_time_to_first_token_seconds_count") == 1
     assert value(found, "sse_open_streams") == 0
+    # A stream that reached its terminal event is no disconnect.
+    assert value(found, "sse_disconnects_total", reason="client") == 0
+    assert value(found, "sse_disconnects_total", reason="reconnect") == 0
     assert value(found, "db_pool_connections", state="max") == gw.settings.db_pool_max
     assert value(found, "db_statements_total", kind="finish") == 1
 
