@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,14 +29,12 @@ from .answers import (
 )
 from .extractive import ExtractiveAnswerer
 from .kb import KnowledgeBase
+from .llm_client import OPENAI_DEFAULT_BASE_URL, make_client
 from .schemas import Usage
 from .settings import Settings
 from .telemetry import GenAI, Telemetry
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
-from .upstream_http import Http11Transport, body_follower, raw_reader
-
-# Where the openai client goes when OPENAI_BASE_URL is unset.
-OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+from .upstream_http import body_follower, raw_reader
 
 # Join a round's text pieces into one string every this many.
 COMPACT_PARTS = 64
@@ -119,24 +116,11 @@ class OpenAIAnswerer:
     """
 
     def __init__(self, settings: Settings, kb: KnowledgeBase, telemetry: Telemetry) -> None:
-        key = settings.openai_api_key.reveal() if settings.openai_api_key else "not-needed"
         self._settings = settings
         self._kb = kb
         self._telemetry = telemetry
         self._provider = provider_name(settings.openai_base_url)
-        self._client = openai.AsyncOpenAI(
-            api_key=key,
-            http_client=_http_client(settings.openai_base_url),
-            base_url=settings.openai_base_url,
-            max_retries=settings.llm_max_retries,
-            # The first-token and idle limits are enforced per chunk below, each with its own
-            # reason; the client's read timeout is only a backstop behind them.
-            timeout=openai.Timeout(
-                max(settings.llm_first_token_timeout_seconds, settings.llm_idle_timeout_seconds)
-                + 5,
-                connect=settings.llm_connect_timeout_seconds,
-            ),
-        )
+        self._client = make_client(settings)
         self._breaker = CircuitBreaker(
             failures=settings.llm_breaker_failures, cooldown=settings.llm_breaker_seconds
         )
@@ -304,6 +288,7 @@ class OpenAIAnswerer:
     ) -> None:
         settings = self._settings
         started = time.monotonic()
+        reader: _RoundReader | None = None
         try:
             async with _limit(settings.llm_first_token_timeout_seconds, deadline, "first_token"):
                 response = await self._client.post(
@@ -336,8 +321,6 @@ class OpenAIAnswerer:
                 except asyncio.CancelledError:
                     watchdog.raise_if_expired()
                     raise
-                if reader.error is not None:
-                    raise reader.error
             finally:
                 watchdog.close()
                 if reader.done:
@@ -368,10 +351,6 @@ class OpenAIAnswerer:
             raise AnswerError(
                 f"The connection to the LLM failed: {_short(str(exc))}", kind="connection"
             ) from None
-        except msgspec.DecodeError as exc:
-            raise AnswerError(
-                f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
-            ) from None
         except openai.APIStatusError as exc:
             raise AnswerError(
                 f"The LLM answered HTTP {exc.status_code}: {_short(exc.message)}",
@@ -382,34 +361,18 @@ class OpenAIAnswerer:
                 f"The LLM's stream broke: {_short(str(exc))}", kind=type(exc).__name__
             ) from None
         except ValueError as exc:
-            # Anything else undecodable on the way (msgspec.DecodeError is a ValueError too).
+            # Anything the transport could not decode on the way (chunks are decoded in the
+            # reader, which turns a bad one into an AnswerError itself).
             raise AnswerError(
                 f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
             ) from None
+        if reader is not None and reader.error is not None:
+            # Raised here, past the mapping above: what the LLM sent wrong is an AnswerError
+            # already, and anything else came from the text sink, i.e. from this process
+            # (a bug to log as one, not "a malformed chunk").
+            raise reader.error
         for index, call in result.calls.items():
             call.call_id = call.call_id or f"call_{index}"
-
-
-def _http_client(base_url: str | None) -> httpx2.AsyncClient:
-    """The LLM's HTTP client: on the lean HTTP/1.1 transport, unless the environment names a
-    proxy for the base URL, which httpx2's own transport (HTTP CONNECT, SOCKS) then handles.
-    Either way as many connections as answers run, a hundred kept idle."""
-    if proxy_for(base_url or OPENAI_DEFAULT_BASE_URL):
-        return openai.DefaultAsyncHttpxClient(
-            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)
-        )
-    return openai.DefaultAsyncHttpxClient(transport=Http11Transport(max_idle=100))
-
-
-def proxy_for(url: str) -> str | None:
-    """The proxy the environment names for `url` (`HTTPS_PROXY`, `ALL_PROXY`…), unless
-    `NO_PROXY` leaves it out."""
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(parts.netloc):
-        return None
-    return proxy
 
 
 _finishing: set[asyncio.Task[None]] = set()
@@ -465,7 +428,14 @@ class _RoundReader:
                 if payload == b"[DONE]":
                     self.done = True
                     return True
-                _read_chunk(_chunk_decoder.decode(payload), result, self._on_text)
+                try:
+                    chunk = _chunk_decoder.decode(payload)
+                except msgspec.DecodeError as exc:
+                    raise AnswerError(
+                        f"The LLM sent a malformed chunk: {_short(str(exc))}",
+                        kind="malformed_chunk",
+                    ) from None
+                _read_chunk(chunk, result, self._on_text)
         except Exception as exc:
             self.error = exc
             return True

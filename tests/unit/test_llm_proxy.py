@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qna_gateway.llm import proxy_for
+from qna_gateway.llm_client import proxy_for
 
 PROXY_VARIABLES = ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY"]
 
