@@ -397,13 +397,13 @@ class DataLines:
     OpenAI protocol never spreads a chunk over several `data:` lines)."""
 
     def __init__(self) -> None:
-        self._rest = b""
+        self.rest = b""  # a line not ended yet
 
     def feed(self, data: bytes) -> list[bytes]:
         if b"\r" in data:  # CRLF or CR line ends; a CRLF split between reads only adds a
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # blank line
-        lines = (self._rest + data).split(b"\n")
-        self._rest = lines.pop()
+        lines = (self.rest + data).split(b"\n")
+        self.rest = lines.pop()
         # Blank separators, comments and `event:` lines carry nothing here.
         return [line[5:].strip() for line in lines if line.startswith(b"data:")]
 
@@ -423,8 +423,21 @@ class _RoundReader:
         """Take the next piece of the body; True once the round needs nothing more (it is
         done, or failed: `error`). Never raises: it may run in the connection's callback."""
         result = self._result
+        lines = self._lines
         try:
-            for payload in self._lines.feed(data):
+            payloads: Sequence[bytes]
+            if (
+                not lines.rest
+                and data.startswith(b"data:")
+                and data.endswith(b"\n\n")
+                and data.find(b"\n") == len(data) - 2
+            ):
+                # One whole chunk in one read, the usual case: split here, two calls fewer
+                # per token than DataLines' general path.
+                payloads = (data[5:-2].strip(),)
+            else:
+                payloads = lines.feed(data)
+            for payload in payloads:
                 if payload == b"[DONE]":
                     self.done = True
                     return True

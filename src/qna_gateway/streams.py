@@ -101,6 +101,7 @@ class _Cursor:
         self._emit = sink.emit
         self._hint: bytes | None = hint
         self._tag = _tag(message_id)  # formatting the UUID per event showed in profiles
+        self._btag = self._tag.encode()
 
     def _id(self, *, end: bool = False) -> str:
         return _event_id(self._tag, self.offset, self.tools, end)
@@ -117,7 +118,14 @@ class _Cursor:
         elif end > self.offset:
             piece = text[self.offset - start :]
             self.offset = end
-            self.send(sse("message.delta", self._id(), _encode(Delta(piece))))
+            if self._hint is not None or self.tools:
+                self.send(sse("message.delta", self._id(), _encode(Delta(piece))))
+            else:
+                # Per token, the usual case: the same bytes as above, four calls fewer.
+                self._emit(
+                    b"id: %s.%d\nevent: message.delta\ndata: %s\n\n"
+                    % (self._btag, end, _encode(Delta(piece)))
+                )
 
     def tool(self, record: ToolEventRecord) -> None:
         if record.k <= self.tools:

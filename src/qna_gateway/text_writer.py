@@ -70,6 +70,7 @@ class TextWriter:
         # Keyed by the turn object itself: a UUID's hash is computed in Python, per delta.
         self._dirty: dict[int, Writable] = {}
         self._wake = asyncio.Event()
+        self._woken = False  # _wake is set: mark() need not set it again (a call per token)
         self._full = asyncio.Event()
         self._last = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -89,7 +90,9 @@ class TextWriter:
     def mark(self, turn: Writable, waiting: int) -> None:
         """`turn` has `waiting` characters not stored yet. Called per delta: keep it cheap."""
         self._dirty[id(turn)] = turn
-        self._wake.set()
+        if not self._woken:
+            self._woken = True
+            self._wake.set()
         if waiting >= self._max_chars:
             self._full.set()
 
@@ -106,6 +109,7 @@ class TextWriter:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), wait)
             self._wake.clear()
+            self._woken = False
             self._full.clear()
             self._last = loop.time()
             try:
