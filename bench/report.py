@@ -420,7 +420,8 @@ def _method(options: dict[str, Any]) -> str:
         "rotates from round to round; figures pool the rounds.\n"
         "- Load: a separate process (`bench/loadgen.py`, raw asyncio HTTP/1.1 on uvloop), "
         + (
-            "open-loop arrivals"
+            "open-loop arrivals (paced level N: N / 7.8 new streams a second for 7.8 s, the "
+            "deadline 7.8 s later)"
             if options.get("open_loop")
             else "N concurrent streams started over 1 s (paced) or all at once (zero; at N = 1, 20 "
             "streams one after another)"

@@ -62,6 +62,9 @@ QUIET_CORES: Final = 0.15
 BUSY_CORES: Final = 0.1
 SYSTEMS: Final = ("gateway", "litellm")
 ZERO_SINGLE_STREAMS: Final = 20
+# A paced stream's length (0.3 s to the first of 300 tokens at 40 a second): with --open-loop,
+# arrivals at N / this a second, for this long, hold about N streams open at the end.
+OPEN_LOOP_SECONDS: Final = 7.8
 
 
 @dataclass
@@ -273,6 +276,10 @@ class Bench:
         options = self.options
         paced = record.phase == "paced"
         level = record.level
+        open_loop = options.open_loop and paced and level > 1
+        deadline = options.paced_deadline if paced else options.zero_deadline
+        if open_loop:
+            deadline += OPEN_LOOP_SECONDS  # the last stream starts that much later
         argv = [
             sys.executable,
             "-m",
@@ -285,7 +292,7 @@ class Bench:
             "--seed-base",
             str(_seed_base(record)),
             "--deadline",
-            str(options.paced_deadline if paced else options.zero_deadline),
+            str(deadline),
             "--schedule",
             "paced" if paced else "none",
         ]
@@ -297,9 +304,14 @@ class Bench:
         ]
         if record.fake:
             argv += ["--fake", json.dumps(record.fake)]
-        if options.open_loop and paced and level > 1:
+        if open_loop:
             # Little's law: arrivals at N / (stream length) hold N streams open on average.
-            argv += ["--rate", f"{level / 7.8:.3f}", "--duration", "7.8"]
+            argv += [
+                "--rate",
+                f"{level / OPEN_LOOP_SECONDS:.3f}",
+                "--duration",
+                str(OPEN_LOOP_SECONDS),
+            ]
         else:
             argv += ["-c", str(level), "--ramp", "1.0" if paced and level > 1 else "0"]
         if record.config == "upstream":
@@ -317,7 +329,8 @@ class Bench:
             ]
         else:
             assert self.gateway is not None
-            streams = level * record.streams_per_worker  # open loop: level / 7.8 s⁻¹ for 7.8 s
+            # Open loop: level / OPEN_LOOP_SECONDS a second for OPEN_LOOP_SECONDS, as many.
+            streams = level * record.streams_per_worker
             chats_file = out.with_suffix(".chats")
             chats, self.chats = self.chats[:streams], self.chats[streams:]
             if len(chats) < streams:
