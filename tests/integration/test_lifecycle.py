@@ -14,6 +14,7 @@ from httpx_sse import EventSource
 
 from bench.fake_upstream import FakeUpstream, Scenario, answer_text, directive
 from tests.conftest import ServeProcess
+from tests.integration.test_limits import metric
 from tests.sse import TERMINAL_EVENTS, Event, deltas_text, read_events
 
 DRAIN_SECONDS = 4
@@ -110,6 +111,18 @@ async def test_sigterm_drains_ten_streams_without_losing_text(
         assert refused.status_code == 503
         assert refused.headers["retry-after"]
         assert refused.headers["content-type"] == "application/problem+json"
+
+        # The watcher of B's answer is sent away at once, while A drains its own answers: its
+        # stream counts as a `reconnect` disconnect, and no stream as a client's.
+        await asyncio.wait_for(asyncio.shield(tasks[9]), timeout=10)
+        async with asyncio.timeout(5):
+            while True:
+                exposition = (await client_a.get("/metrics")).text
+                if metric(exposition, "sse_disconnects_total", reason="reconnect") >= 1:
+                    break
+                await asyncio.sleep(0.02)
+        assert metric(exposition, "sse_disconnects_total", reason="reconnect") == 1
+        assert metric(exposition, "sse_disconnects_total", reason="client") == 0
 
         results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=DRAIN_SECONDS + 10)
         exit_code = await asyncio.to_thread(a.process.wait, DRAIN_SECONDS + 10)
