@@ -413,7 +413,8 @@ async def _carry_on(coro: Any, waiting: Any) -> None:
 
 class _Resume:
     """An awaitable that goes on with a coroutine already started: what the awaiting task
-    sends or throws goes on to it, as `await` does for one not started."""
+    sends or throws goes on to it, as `await` does for one not started. (qna_gateway/sse.py's
+    `_carry_on` does the same; the harness imports nothing of the system it measures.)"""
 
     def __init__(self, coro: Any, waiting: Any) -> None:
         self._coro = coro
