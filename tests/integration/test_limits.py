@@ -353,6 +353,27 @@ async def test_the_history_sent_is_the_newest_that_fits_the_budget(
     assert sent == ["S", *expected, latest]
 
 
+async def test_an_answer_that_failed_empty_is_left_out_and_the_history_goes_on_past_it(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    # 28 characters: the newest exchange (20) and, past the empty answer, the question it
+    # failed on (8) fit; the exchange before them does not.
+    gw = await llm_gateway_with(
+        gateway_factory, upstream, history_budget_chars=28, system_prompt="S"
+    )
+    chat_id = await gw.create_chat()
+    asks = [("question-1", "answer-001"), ("broken-q", None), ("question-2", "answer-002")]
+    for question, answer in asks:
+        upstream.set_scenario(text=answer or "unused", fault="none" if answer else "http_500")
+        response = await gw.client.post(f"/v1/chats/{chat_id}/messages", json={"content": question})
+        assert response.json()["status"] == ("completed" if answer else "failed")
+        assert response.json()["content"] == (answer or "")
+    upstream.set_scenario(text="fine", fault="none")
+    await gw.client.post(f"/v1/chats/{chat_id}/messages", json={"content": "latest"})
+    sent = [m["content"] for m in upstream.last_request()["messages"]]
+    assert sent == ["S", "broken-q", "question-2", "answer-002", "latest"]
+
+
 # -- clients that stop reading, or never finish asking -----------------------------------------
 
 
