@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.fake_upstream import FakeUpstream
 from qna_gateway.telemetry import create_telemetry
 from tests.conftest import Gateway, GatewayFactory, ServeProcess
-from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan, serve_otlp
+from tests.fixtures.otlp import OtlpReceiver, ReceivedSpan, serve_otlp, serve_otlp_grpc
 from tests.sse import stream_events
 from tests.unit.test_deploy_configs import DASHBOARD, dashboard_metric_names
 
@@ -211,6 +211,30 @@ async def test_openmetrics_exposition_carries_exemplars(
     trace_ids = {span.context.trace_id for span in exporter.get_finished_spans()}
     exemplar_ids = {int(line.split('trace_id="')[1].split('"')[0], 16) for line in exemplars}
     assert exemplar_ids <= trace_ids
+
+
+async def test_spans_go_out_over_otlp_grpc_too(
+    serve_factory: Callable[..., ServeProcess], upstream: FakeUpstream
+) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc: the same trace reaches a gRPC collector (Tempo's and
+    the OpenTelemetry Collector's default port 4317 speaks it)."""
+    for receiver in serve_otlp_grpc():
+        proc = serve_factory(
+            OPENAI_BASE_URL=upstream.base_url,
+            QNA_MODEL="fake-model",
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+        )
+        events = await ask_once(proc.base_url, upstream, traceparent=TRACEPARENT)
+        assert events[-1].event == "message.completed", events[-1].data["error"]
+        stop_gracefully(proc)  # the batch exporter flushes on the way out
+        trace = [s for s in receiver.spans if s.trace_id == TRACE_ID]
+        server = next(s for s in trace if s.kind == SERVER)
+        assert server.name == "POST /v1/chats/{chat_id}/messages"
+        answer = next(s for s in trace if s.name == "answer")
+        assert answer.parent_span_id == server.span_id
+        assert [s for s in trace if s.name == "chat fake-model"]
+        assert server.service_name == "qna-gateway"
 
 
 async def test_json_logs_carry_request_trace_and_chat_ids(
