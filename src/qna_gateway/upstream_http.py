@@ -261,6 +261,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         self._max_idle = max_idle
         self._idle: dict[Origin, list[_Connection]] = {}
         self._idle_count = 0
+        self._closed = False
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         url = request.url
@@ -337,7 +338,8 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             return
         connection.busy = False
         keep = (
-            connection.complete
+            not self._closed  # a body read to its end after aclose() (llm._finish_reading)
+            and connection.complete
             and not connection.closed
             and not connection.until_close
             and connection.keep_alive
@@ -350,6 +352,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             connection.fail("closed by the client")
 
     async def aclose(self) -> None:
+        self._closed = True
         for idle in self._idle.values():
             for connection in idle:
                 connection.fail("closed by the client")

@@ -9,7 +9,7 @@ import contextlib
 import gzip
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ class Server:
     cut: bool = False
     extra_headers: bytes = b""
     connections: int = 0
+    ended: int = 0  # connections the client closed
     requests: list[bytes] = field(default_factory=list)
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
@@ -41,7 +42,11 @@ class Server:
         self.writers.append(writer)
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    self.ended += 1
+                    raise
                 length = 0
                 for line in head.split(b"\r\n"):
                     name, _, value = line.partition(b":")
@@ -206,6 +211,31 @@ async def test_a_response_closed_before_its_end_does_not_reuse_the_connection() 
         response = await http.get(f"http://127.0.0.1:{port}/")
         assert response.content == b"".join(PIECES)
     assert server.connections == 3
+
+
+async def _until_empty(read: Callable[[], Awaitable[bytes]]) -> AsyncIterator[bytes]:
+    while piece := await read():
+        yield piece
+
+
+async def test_a_response_released_after_the_transport_closed_closes_its_connection() -> None:
+    # The answerer reads what follows [DONE] in the background (llm._finish_reading): at
+    # shutdown that can end after the client is closed, and its connection must not be kept.
+    server = Server(PIECES, delay=0.05)
+    async with serving(server) as port:
+        http = client()
+        request = http.build_request("GET", f"http://127.0.0.1:{port}/")
+        response = await http.send(request, stream=True)
+        read = raw_reader(response)
+        assert await read() == PIECES[0]
+        await http.aclose()  # the rest of the body is still on its way
+        rest = [piece async for piece in _until_empty(read)]
+        assert b"".join(rest) == b"".join(PIECES[1:])
+        await response.aclose()
+        async with asyncio.timeout(5):
+            while server.ended == 0:
+                await asyncio.sleep(0.01)
+    assert server.connections == 1
 
 
 async def test_the_raw_reader_reads_past_httpx_and_releases_the_connection() -> None:
