@@ -238,6 +238,11 @@ class OpenAIAnswerer:
         except asyncio.CancelledError:
             failure = "cancelled"
             raise
+        except Exception as exc:
+            # The gateway's own failure (the text sink's, say): an error of the call, not one
+            # the breaker holds against the LLM.
+            failure = type(exc).__name__
+            raise
         finally:
             elapsed = time.monotonic() - started
             if result.model:

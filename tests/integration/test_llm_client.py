@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import httpx2
@@ -117,17 +118,34 @@ async def test_consecutive_answers_send_each_its_own_conversation(
 
 
 async def test_an_error_in_the_text_sink_is_not_blamed_on_the_llm(
-    answerer: OpenAIAnswerer,
+    settings: Settings, database_url: str
 ) -> None:
     """The sink is the gateway's own code: its failure is a bug that goes up as itself (the
-    turn logs it and ends the answer with an internal error), not "a malformed chunk"."""
+    turn logs it and ends the answer with an internal error), not "a malformed chunk", and the
+    circuit breaker does not hold it against the LLM."""
 
     def broken_sink(text: str) -> None:
         raise ValueError("the sink broke")
 
-    with pytest.raises(ValueError, match="the sink broke"):
-        async for _ in answerer.answer([ChatLine("user", "Hello?")], broken_sink):
-            pass
+    telemetry = create_telemetry({})
+    async with make_pool(database_url, min_size=1, max_size=2, timeout=10) as pool:
+        answerer = OpenAIAnswerer(
+            replace(settings, llm_breaker_failures=1), KnowledgeBase(pool), telemetry
+        )
+        try:
+            with pytest.raises(ValueError, match="the sink broke"):
+                async for _ in answerer.answer([ChatLine("user", "Hello?")], broken_sink):
+                    pass
+            # One failure would open a breaker that counted it: the next answer would fail.
+            texts: list[str] = []
+            events = [e async for e in answerer.answer([ChatLine("user", "Hi")], texts.append)]
+            assert isinstance(events[-1], Finished)
+            assert texts
+        finally:
+            await answerer.aclose()
+    registry = telemetry.metrics.registry
+    assert registry.get_sample_value("llm_calls_total", {"status": "error"}) == 1
+    assert registry.get_sample_value("llm_calls_total", {"status": "success"}) == 1
 
 
 async def test_a_malformed_chunk_is_still_the_llm_s_fault(
