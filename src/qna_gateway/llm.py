@@ -32,7 +32,7 @@ from .kb import KnowledgeBase
 from .llm_client import OPENAI_DEFAULT_BASE_URL, make_client
 from .schemas import Usage
 from .settings import Settings
-from .telemetry import GenAI, Telemetry
+from .telemetry import GenAI, Telemetry, exemplar_of
 from .tools import SEARCH_TOOL, SEARCH_TOOL_NAME, passages_for_model, traced_tool_run
 from .upstream_http import body_follower, raw_reader
 
@@ -259,10 +259,7 @@ class OpenAIAnswerer:
                 span.set_status(Status(StatusCode.ERROR, failure))
             metrics = self._telemetry.metrics
             metrics.llm_calls.labels("error" if failure else "success").inc()
-            trace_id = span.get_span_context().trace_id
-            metrics.llm_duration.observe(
-                elapsed, {"trace_id": f"{trace_id:032x}"} if trace_id else None
-            )
+            metrics.llm_duration.observe(elapsed, exemplar_of(span.get_span_context()))
             span.end()
 
     def _request_body(self, messages: list[dict[str, Any]], offer_tool: bool) -> dict[str, Any]:
@@ -368,9 +365,7 @@ class OpenAIAnswerer:
         except ValueError as exc:
             # Anything the transport could not decode on the way (chunks are decoded in the
             # reader, which turns a bad one into an AnswerError itself).
-            raise AnswerError(
-                f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
-            ) from None
+            raise _malformed(exc) from None
         if reader is not None and reader.error is not None:
             # Raised here, past the mapping above: what the LLM sent wrong is an AnswerError
             # already, and anything else came from the text sink, i.e. from this process
@@ -449,10 +444,7 @@ class _RoundReader:
                 try:
                     chunk = _chunk_decoder.decode(payload)
                 except msgspec.DecodeError as exc:
-                    raise AnswerError(
-                        f"The LLM sent a malformed chunk: {_short(str(exc))}",
-                        kind="malformed_chunk",
-                    ) from None
+                    raise _malformed(exc) from None
                 _read_chunk(chunk, result, self._on_text)
         except Exception as exc:
             self.error = exc
@@ -616,6 +608,12 @@ class CircuitBreaker:
     @property
     def open(self) -> bool:
         return self._threshold > 0 and self._failures >= self._threshold
+
+
+def _malformed(exc: Exception) -> AnswerError:
+    return AnswerError(
+        f"The LLM sent a malformed chunk: {_short(str(exc))}", kind="malformed_chunk"
+    )
 
 
 def _short(text: str, limit: int = 300) -> str:

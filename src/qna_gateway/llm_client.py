@@ -86,6 +86,9 @@ class TemplatedAsyncOpenAI(openai.AsyncOpenAI):
         )
 
 
+_DEFAULT_SECURITY: Final = FinalRequestOptions.model_fields["security"].default
+
+
 def _only_a_body(options: FinalRequestOptions) -> bool:
     return (
         not options.params
@@ -96,9 +99,6 @@ def _only_a_body(options: FinalRequestOptions) -> bool:
         and options.extra_json is None
         and options.security == _DEFAULT_SECURITY
     )
-
-
-_DEFAULT_SECURITY: Final = FinalRequestOptions.model_fields["security"].default
 
 
 def make_client(settings: Settings) -> TemplatedAsyncOpenAI:

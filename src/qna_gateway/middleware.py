@@ -16,7 +16,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .errors import PROBLEM_JSON
 from .schemas import Problem
-from .telemetry import Telemetry, request_id_var
+from .telemetry import Telemetry, exemplar_of, request_id_var
 
 log = logging.getLogger("qna_gateway.access")
 
@@ -100,9 +100,9 @@ class ObservabilityMiddleware:
                 span.set_status(Status(StatusCode.ERROR))
             metrics = self.telemetry.metrics
             metrics.http_requests.labels(method, endpoint, str(status)).inc()
-            trace_id = span.get_span_context().trace_id
-            exemplar = {"trace_id": f"{trace_id:032x}"} if trace_id else None
-            metrics.http_duration.labels(method, endpoint).observe(duration, exemplar)
+            metrics.http_duration.labels(method, endpoint).observe(
+                duration, exemplar_of(span.get_span_context())
+            )
             # Logged inside the span's context, so the line carries its trace id.
             log.info(
                 "%s %s %d",

@@ -170,6 +170,7 @@ class TextWriter:
                 self._failing = True
                 for turn, *_ in taken:
                     self._dirty.setdefault(id(turn), turn)
+                self._woken = True
                 self._wake.set()
                 return
         if self._failing:
