@@ -103,6 +103,11 @@ async def body_reads(response: httpx2.Response) -> list[bytes]:
 PIECES = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
 
 
+def gzip_server() -> Server:
+    """PIECES gzipped, in one piece, with its Content-Encoding."""
+    return Server([gzip.compress(b"".join(PIECES))], extra_headers=b"content-encoding: gzip\r\n")
+
+
 async def test_streams_each_piece_and_reuses_the_connection() -> None:
     server = Server(PIECES, delay=0.01)
     async with serving(server) as port, client() as http:
@@ -252,7 +257,7 @@ async def test_the_raw_reader_reads_past_httpx_and_releases_the_connection() -> 
 
 
 async def test_the_raw_reader_decodes_a_compressed_body() -> None:
-    server = Server([gzip.compress(b"".join(PIECES))], extra_headers=b"content-encoding: gzip\r\n")
+    server = gzip_server()
     async with (
         serving(server) as port,
         client() as http,
@@ -318,7 +323,7 @@ async def test_follow_returns_at_the_end_of_a_body_and_raises_when_it_is_cut() -
 
 
 async def test_no_follower_for_an_encoded_body() -> None:
-    server = Server([gzip.compress(b"".join(PIECES))], extra_headers=b"content-encoding: gzip\r\n")
+    server = gzip_server()
     async with (
         serving(server) as port,
         client() as http,
