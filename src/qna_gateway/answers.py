@@ -61,6 +61,28 @@ class AnswerError(Exception):
         self.kind = kind  # the span's error.type, and the interruption's reason
 
 
+class EarlyCall(Protocol):
+    """An answer's first LLM request, sent before its question was stored (`start_early`).
+    Given to `answer` for the same conversation it goes on from there; else `abandon` it."""
+
+    @property
+    def conversation(self) -> Sequence[ChatLine]: ...
+
+    @property
+    def started(self) -> float:
+        """When the request started, as `time.monotonic()`."""
+        ...
+
+    @property
+    def started_ns(self) -> int:
+        """The same as `time.time_ns()`, for spans."""
+        ...
+
+    def abandon(self) -> None:
+        """Cut the request and free its connection; nothing once `answer` has taken it."""
+        ...
+
+
 class Answerer(Protocol):
     """Streams the answer to a conversation whose last line is the question: the text to
     `on_text`, everything else as events, each in its place (text that comes before an event
@@ -69,8 +91,13 @@ class Answerer(Protocol):
     @property
     def model(self) -> str: ...
 
+    def start_early(self, conversation: Sequence[ChatLine]) -> EarlyCall | None:
+        """Send the first request for `conversation` now, if this answerer has one to send
+        and can; the caller passes the result to `answer` or abandons it."""
+        ...
+
     def answer(
-        self, conversation: Sequence[ChatLine], on_text: TextSink
+        self, conversation: Sequence[ChatLine], on_text: TextSink, early: EarlyCall | None = None
     ) -> AsyncIterator[AnswerEvent]: ...
 
     async def aclose(self) -> None: ...

@@ -64,13 +64,15 @@ StreamEvent = TextAppended | ToolEventAppended | Ended | Resync | Reconnect
 
 class Notice(msgspec.Struct, omit_defaults=True):
     """The NOTIFY payload: `m` message id; `o`+`t` a text batch; `n` a text end offset; `e` the
-    final status; `c` a cancel request for the replica that owns the turn."""
+    final status (with `h`, the chat, when a turn ended it); `c` a cancel request for the
+    replica that owns the turn."""
 
     m: str
     o: int | None = None
     t: str | None = None
     n: int | None = None
     e: str | None = None
+    h: str | None = None
     c: bool = False
 
 
@@ -90,8 +92,9 @@ def resync_notice(message_id: UUID, text_end: int) -> str:
     return _encoder.encode(Notice(m=str(message_id), n=text_end)).decode()
 
 
-def end_notice(message_id: UUID, status: str) -> str:
-    return _encoder.encode(Notice(m=str(message_id), e=status)).decode()
+def end_notice(message_id: UUID, status: str, *, chat_id: UUID | None = None) -> str:
+    chat = str(chat_id) if chat_id is not None else None
+    return _encoder.encode(Notice(m=str(message_id), e=status, h=chat)).decode()
 
 
 def cancel_notice(message_id: UUID) -> str:

@@ -6,7 +6,15 @@ import json
 import re
 from collections.abc import AsyncIterator, Sequence
 
-from .answers import AnswerEvent, ChatLine, Finished, TextSink, ToolCalled, ToolResult
+from .answers import (
+    AnswerEvent,
+    ChatLine,
+    EarlyCall,
+    Finished,
+    TextSink,
+    ToolCalled,
+    ToolResult,
+)
 from .kb import KnowledgeBase
 from .telemetry import Telemetry
 from .tools import SEARCH_TOOL_NAME, traced_tool_run
@@ -29,8 +37,11 @@ class ExtractiveAnswerer:
     async def aclose(self) -> None:
         return None
 
+    def start_early(self, conversation: Sequence[ChatLine]) -> EarlyCall | None:
+        return None  # nothing to send: the search is the answer
+
     async def answer(
-        self, conversation: Sequence[ChatLine], on_text: TextSink
+        self, conversation: Sequence[ChatLine], on_text: TextSink, early: EarlyCall | None = None
     ) -> AsyncIterator[AnswerEvent]:
         question = conversation[-1].content if conversation else ""
         arguments = json.dumps({"query": question})

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +21,7 @@ from .answers import (
     AnswerError,
     AnswerEvent,
     ChatLine,
+    EarlyCall,
     Finished,
     TextSink,
     ToolCalled,
@@ -132,19 +133,40 @@ class OpenAIAnswerer:
     async def aclose(self) -> None:
         await self._client.close()
 
+    def start_early(self, conversation: Sequence[ChatLine]) -> EarlyCall | None:
+        settings = self._settings
+        if settings.kb_mode == "prefetch":
+            return None  # its first request waits for a search
+        try:
+            self._breaker.check()
+        except AnswerError:
+            return None  # the answer will say why
+        body = self._request_body(_messages_of(conversation), offer_tool=self._max_rounds > 0)
+        request = self._client.post(
+            "/chat/completions", cast_to=httpx2.Response, content=_encode_json(body), stream=True
+        )
+        return _EarlyCall(conversation, request)
+
+    @property
+    def _max_rounds(self) -> int:
+        return self._settings.kb_max_rounds if self._settings.kb_mode == "tools" else 0
+
     async def answer(
-        self, conversation: Sequence[ChatLine], on_text: TextSink
+        self, conversation: Sequence[ChatLine], on_text: TextSink, early: EarlyCall | None = None
     ) -> AsyncIterator[AnswerEvent]:
         deadline = time.monotonic() + self._settings.llm_total_timeout_seconds
-        async for event in self._answer(conversation, on_text, deadline):
+        assert early is None or isinstance(early, _EarlyCall)
+        async for event in self._answer(conversation, on_text, deadline, early):
             yield event
 
     async def _answer(
-        self, conversation: Sequence[ChatLine], on_text: TextSink, deadline: float
+        self,
+        conversation: Sequence[ChatLine],
+        on_text: TextSink,
+        deadline: float,
+        early: _EarlyCall | None,
     ) -> AsyncIterator[AnswerEvent]:
-        messages: list[dict[str, Any]] = [
-            {"role": line.role, "content": line.content} for line in conversation
-        ]
+        messages = _messages_of(conversation)
         mode = self._settings.kb_mode
         if mode == "prefetch" and conversation:
             question = conversation[-1].content
@@ -155,12 +177,13 @@ class OpenAIAnswerer:
                 -1, {"role": "system", "content": PREFETCH_NOTE + passages_for_model(hits)}
             )
         total_in = total_out = 0
-        max_rounds = self._settings.kb_max_rounds if mode == "tools" else 0
+        max_rounds = self._max_rounds
         for round_number in range(max_rounds + 1):
             # The last round offers no tool, so the model has to answer with what it found.
             offer_tool = round_number < max_rounds
             result = _Round()
-            await self._one_round(messages, offer_tool, result, on_text, deadline)
+            await self._one_round(messages, offer_tool, result, on_text, deadline, early)
+            early = None
             if result.usage is not None:
                 total_in += result.usage.input_tokens
                 total_out += result.usage.output_tokens
@@ -208,8 +231,10 @@ class OpenAIAnswerer:
         result: _Round,
         on_text: TextSink,
         deadline: float,
+        early: _EarlyCall | None,
     ) -> None:
-        """One chat-completions call, in a CLIENT span with the GenAI attributes.
+        """One chat-completions call, in a CLIENT span with the GenAI attributes; `early`,
+        if given, is this call already sent (the span starts when it was).
 
         The span is started, not made current: the text goes out from the connection's
         callback, and what runs there must not see this span as its own.
@@ -223,12 +248,14 @@ class OpenAIAnswerer:
                 GenAI.PROVIDER: self._provider,
                 GenAI.REQUEST_MODEL: model,
             },
+            start_time=early.started_ns if early else None,
         )
-        started = time.monotonic()
+        started = early.started if early else time.monotonic()
         failure: str | None = None
         try:
-            self._breaker.check()
-            await self._stream_round(messages, offer_tool, result, on_text, deadline)
+            if early is None:  # an early call passed the check when it was sent
+                self._breaker.check()
+            await self._stream_round(messages, offer_tool, result, on_text, deadline, early)
             self._breaker.succeeded()
         except AnswerError as exc:
             failure = exc.kind
@@ -287,20 +314,24 @@ class OpenAIAnswerer:
         result: _Round,
         on_text: TextSink,
         deadline: float,
+        early: _EarlyCall | None,
     ) -> None:
         settings = self._settings
-        started = time.monotonic()
+        started = early.started if early else time.monotonic()
         reader: _RoundReader | None = None
         try:
             async with _limit(settings.llm_first_token_timeout_seconds, deadline, "first_token"):
-                response = await self._client.post(
-                    "/chat/completions",
-                    cast_to=httpx2.Response,
-                    # Encoded here: the SDK's json.dumps of a long history costs several
-                    # times msgspec's. Content-Type stays the SDK's default, JSON.
-                    content=_encode_json(self._request_body(messages, offer_tool)),
-                    stream=True,
-                )
+                if early is not None:
+                    response = await early.response()
+                else:
+                    response = await self._client.post(
+                        "/chat/completions",
+                        cast_to=httpx2.Response,
+                        # Encoded here: the SDK's json.dumps of a long history costs several
+                        # times msgspec's. Content-Type stays the SDK's default, JSON.
+                        content=_encode_json(self._request_body(messages, offer_tool)),
+                        stream=True,
+                    )
             watchdog = _Watchdog(
                 first_token=settings.llm_first_token_timeout_seconds,
                 idle=settings.llm_idle_timeout_seconds,
@@ -376,6 +407,62 @@ class OpenAIAnswerer:
 
 
 _finishing: set[asyncio.Task[None]] = set()
+
+
+def _messages_of(conversation: Sequence[ChatLine]) -> list[dict[str, Any]]:
+    return [{"role": line.role, "content": line.content} for line in conversation]
+
+
+class _EarlyCall:
+    """A first round's request, sent from a task of its own while the ask's statement runs."""
+
+    def __init__(
+        self, conversation: Sequence[ChatLine], request: Coroutine[Any, Any, httpx2.Response]
+    ) -> None:
+        self._conversation = tuple(conversation)
+        self._started = time.monotonic()
+        self._started_ns = time.time_ns()
+        self._task = asyncio.create_task(request, name="qna-early-llm-call")
+        self._taken = False
+
+    @property
+    def conversation(self) -> Sequence[ChatLine]:
+        return self._conversation
+
+    @property
+    def started(self) -> float:
+        return self._started
+
+    @property
+    def started_ns(self) -> int:
+        return self._started_ns
+
+    def abandon(self) -> None:
+        if not self._taken:
+            self._taken = True
+            _discard(self._task)
+
+    async def response(self) -> httpx2.Response:
+        self._taken = True
+        try:
+            return await self._task
+        except asyncio.CancelledError:
+            _discard(self._task)  # it may have finished as this task was cancelled
+            raise
+
+
+def _discard(task: asyncio.Task[httpx2.Response]) -> None:
+    """Stop `task`; a response it got anyway is closed, an error it raised is dropped."""
+
+    def close(done: asyncio.Task[httpx2.Response]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        closing = asyncio.create_task(done.result().aclose())
+        _finishing.add(closing)
+        closing.add_done_callback(_finishing.discard)
+
+    task.cancel()
+    task.add_done_callback(close)
 
 
 async def _finish_reading(read: Callable[[], Awaitable[bytes]], response: httpx2.Response) -> None:

@@ -38,6 +38,7 @@ class Metrics:
     chat_sessions: Counter
     messages: Counter
     llm_calls: Counter
+    llm_early_starts: Counter
     llm_duration: Histogram
     kb_searches: Counter
     open_streams: Gauge
@@ -75,6 +76,8 @@ def _with_known_labels(metrics: Metrics) -> Metrics:
     """Create every known label set at 0, so dashboards show 0 rather than "No data"."""
     for status in ("success", "error"):
         metrics.llm_calls.labels(status)
+    for outcome in ("used", "abandoned"):
+        metrics.llm_early_starts.labels(outcome)
     for status in ("completed", "failed", "cancelled", "interrupted"):
         metrics.turns.labels(status)
     for reason in ("client", "reconnect"):
@@ -111,6 +114,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
             "llm_calls_total",
             "Chat-completions calls to the LLM (one per tool round), by outcome: success or error.",
             ["status"],
+            registry=registry,
+        ),
+        llm_early_starts=Counter(
+            "llm_early_starts_total",
+            "LLM calls sent while the question was being stored, by outcome: used, or"
+            " abandoned (the history read differed from the one expected, or the ask failed).",
+            ["outcome"],
             registry=registry,
         ),
         llm_duration=Histogram(

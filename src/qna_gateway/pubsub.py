@@ -29,9 +29,16 @@ class EventHub:
     subscriber to re-read the table, since notices sent meanwhile are lost.
     """
 
-    def __init__(self, conninfo: str, *, on_cancel: Callable[[UUID], None]) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        on_cancel: Callable[[UUID], None],
+        on_end: Callable[[UUID, UUID], None] | None = None,
+    ) -> None:
         self._conninfo = conninfo
         self._on_cancel = on_cancel
+        self._on_end = on_end  # (chat id, message id) of an answer that ended, here or not
         self._subscribers: defaultdict[UUID, set[Subscriber]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -100,6 +107,13 @@ class EventHub:
         if notice.c:
             self._on_cancel(message_id)
             return
+        if notice.h is not None and self._on_end is not None:
+            try:
+                chat_id = UUID(notice.h)
+            except ValueError:
+                pass
+            else:
+                self._on_end(chat_id, message_id)
         watchers = self._subscribers.get(message_id)
         if not watchers:
             return

@@ -85,6 +85,9 @@ class Settings:
     batch_interval_ms: int = 100
     batch_max_chars: int = 512
     history_budget_chars: int = 24_000
+    # Call the LLM while the question is being stored, when this process knows the history
+    # the ask will read (a chat it created or answered last); see histories.py.
+    early_llm_start: bool = True
     sse_ping_seconds: float = 15.0
     sse_retry_ms: int = 2_000
     drain_seconds: float = 25.0
@@ -362,6 +365,9 @@ def _read(env: _Env) -> Settings:
             defaults.history_budget_chars,
             minimum=0,
             maximum=10_000_000,
+        ),
+        early_llm_start=env.get(
+            "QNA_EARLY_LLM_START", _boolean, defaults.early_llm_start, what="true or false"
         ),
         sse_ping_seconds=env.number(
             "QNA_SSE_PING_SECONDS", defaults.sse_ping_seconds, minimum=0.05, maximum=3600

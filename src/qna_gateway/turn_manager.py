@@ -7,14 +7,15 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from uuid import UUID, uuid4
 
 import psutil
 
-from .answers import Answerer, ChatLine
+from .answers import Answerer, ChatLine, EarlyCall
 from .errors import Conflict, Unavailable
 from .events import Ended, Reconnect, Resync, cancel_notice, end_notice
+from .histories import History, KnownHistories
 from .limits import Slots, TokenBudget
 from .pubsub import EventHub
 from .schemas import Message
@@ -51,7 +52,12 @@ class TurnManager:
         self.settings = settings
         self.pool = pool
         self.answerer = answerer
-        self.hub = EventHub(conninfo, on_cancel=self._on_remote_cancel)
+        self.histories = (
+            KnownHistories(budget_chars=settings.history_budget_chars)
+            if settings.early_llm_start
+            else None
+        )
+        self.hub = EventHub(conninfo, on_cancel=self._on_remote_cancel, on_end=self._on_end)
         self._turns: dict[UUID, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -81,6 +87,8 @@ class TurnManager:
         self._releases: dict[UUID, Callable[[], None]] = {}
         self.tokens = TokenBudget(settings.token_limit_per_minute if per_principal else 0)
         self._principals: dict[UUID, str] = {}
+        # Each running answer's history as read and its question, for the next guess.
+        self._exchanges: dict[UUID, tuple[History, str]] = {}
 
     # -- life --------------------------------------------------------------------------------
 
@@ -166,24 +174,31 @@ class TurnManager:
             )
         self.tokens.check(principal)
         release = self.turn_slots.acquire(principal)
+        early = self._start_early(principal, chat_id, content)
         try:
+            if early is not None:
+                await asyncio.sleep(0)  # the call's task sends its request before the statement
             question, answer, history = await self._store_question(
                 principal=principal, chat_id=chat_id, content=content
             )
         except BaseException:
             release()
+            self._abandon(early)
             raise
         self._releases[answer.id] = release
         self._principals[answer.id] = principal
+        self._exchanges[answer.id] = (tuple(history), question.content)
         if self.settings.log_content:
             log.info("question %s: %s", question.id, content, extra={"content": content})
         self.telemetry.metrics.messages.labels("user").inc()
         self.telemetry.metrics.messages.labels("assistant").inc()
-        conversation = [ChatLine("system", self.settings.system_prompt)]
-        conversation += [
-            ChatLine("assistant" if role == "assistant" else "user", text) for role, text in history
-        ]
-        conversation.append(ChatLine("user", content))
+        conversation = self._conversation(history, content)
+        if early is not None:
+            if list(early.conversation) == conversation:
+                self.telemetry.metrics.llm_early_starts.labels("used").inc()
+            else:
+                self._abandon(early)
+                early = None
         turn = Turn(
             message=answer,
             conversation=conversation,
@@ -193,12 +208,47 @@ class TurnManager:
             config=self._config,
             telemetry=self.telemetry,
             on_done=self._forget,
+            early=early,
         )
         self._turns[answer.id] = turn
         task = asyncio.create_task(turn.run(), name=f"turn-{answer.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return question, answer, turn
+
+    def _conversation(self, history: Sequence[tuple[str, str]], question: str) -> list[ChatLine]:
+        conversation = [ChatLine("system", self.settings.system_prompt)]
+        conversation += [
+            ChatLine("assistant" if role == "assistant" else "user", text) for role, text in history
+        ]
+        conversation.append(ChatLine("user", question))
+        return conversation
+
+    def _start_early(self, principal: str, chat_id: UUID, question: str) -> EarlyCall | None:
+        """The LLM call for the history this process expects, sent now: the ask's statement
+        (a round trip, a lock, a commit: 1-3 ms) then runs while the LLM works, instead of
+        before it. `start_turn` keeps it only if the history read is the one expected."""
+        guess = self.histories.take(principal, chat_id) if self.histories is not None else None
+        if guess is None:
+            return None
+        return self.answerer.start_early(self._conversation(guess, question))
+
+    def _abandon(self, early: EarlyCall | None) -> None:
+        if early is not None:
+            early.abandon()
+            self.telemetry.metrics.llm_early_starts.labels("abandoned").inc()
+
+    def chat_created(self, principal: str, chat_id: UUID) -> None:
+        if self.histories is not None:
+            self.histories.created(principal, chat_id)
+
+    def chat_deleted(self, chat_id: UUID) -> None:
+        if self.histories is not None:
+            self.histories.forget(chat_id)
+
+    def _on_end(self, chat_id: UUID, message_id: UUID) -> None:
+        if self.histories is not None:
+            self.histories.ended_elsewhere(chat_id, message_id)
 
     async def _store_question(
         self, *, principal: str, chat_id: UUID, content: str
@@ -220,6 +270,23 @@ class TurnManager:
     def _forget(self, turn: Turn) -> None:
         self._turns.pop(turn.id, None)
         principal = self._principals.pop(turn.id, None)
+        exchange = self._exchanges.pop(turn.id, None)
+        if (
+            self.histories is not None
+            and principal is not None
+            and exchange is not None
+            and turn.final_stored
+            and turn.final is not None
+        ):
+            history, question = exchange
+            self.histories.answered(
+                principal,
+                turn.message.chat_id,
+                history=history,
+                question=question,
+                answer=turn.final.content,
+                answer_id=turn.id,
+            )
         if principal is not None and turn.final is not None:
             usage = turn.final.usage
             # The model's count when it gives one, else about four characters a token.

@@ -26,6 +26,7 @@ from .answers import (
     Answerer,
     AnswerError,
     ChatLine,
+    EarlyCall,
     Finished,
     ToolCalled,
     ToolResult,
@@ -82,9 +83,11 @@ class Turn:
         config: TurnConfig,
         telemetry: Telemetry,
         on_done: Callable[[Turn], None],
+        early: EarlyCall | None = None,
     ) -> None:
         self.message = message
         self._conversation = conversation
+        self._early = early
         self._answerer = answerer
         self._pool = pool
         self._writer = writer
@@ -118,6 +121,9 @@ class Turn:
         self._stop: tuple[StopStatus, str] | None = None
         self._consumer: asyncio.Task[None] | None = None
         self.final: Message | None = None
+        # Whether `final` is the row as stored (not the in-memory end told to watchers while
+        # the database was away, nor one of a message deleted meanwhile).
+        self.final_stored = False
         self.done = asyncio.Event()
 
     @property
@@ -232,6 +238,8 @@ class Turn:
                 "qna.chat.id": str(self.message.chat_id),
                 GenAI.REQUEST_MODEL: self._answerer.model,
             },
+            # An early LLM call began the answer before this task did.
+            start_time=self._early.started_ns if self._early else None,
         ) as span:
             self._span_context = span.get_span_context()
             await self._run()
@@ -242,7 +250,7 @@ class Turn:
                 span.set_status(Status(StatusCode.ERROR, self.final.error or "failed"))
 
     async def _run(self) -> None:
-        self._started = time.monotonic()
+        self._started = self._early.started if self._early else time.monotonic()
         if not self._listeners:
             self._arm_orphan_timer()
         status, finish_reason, error = "completed", "stop", None
@@ -271,6 +279,8 @@ class Turn:
                 f"internal error: {type(exc).__name__}",
             )
         finally:
+            if self._early is not None:
+                self._early.abandon()  # stopped before the answerer took it
             # No more batches: the final write stores the whole text. A batch being written
             # finishes first (the final write takes the lock after it).
             self._closing = True
@@ -281,7 +291,7 @@ class Turn:
             await self._finish(status, finish_reason, error)
 
     async def _consume(self) -> None:
-        async for event in self._answerer.answer(self._conversation, self._on_text):
+        async for event in self._answerer.answer(self._conversation, self._on_text, self._early):
             if isinstance(event, ToolCalled):
                 await self._tool_event("tool.call", _call_data(event))
             elif isinstance(event, ToolResult):
@@ -432,6 +442,7 @@ class Turn:
                     self._announce(self._in_memory(text, status, finish_reason, error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        self.final_stored = stored is not None and self.final is None
         stored = stored or self._in_memory(text, status, finish_reason, error)
         if self._config.log_content:
             log.info("answer %s text: %s", self.id, text, extra={"content": text})
@@ -462,7 +473,7 @@ class Turn:
                 usage=self._usage,
                 sources=self._sources,
                 tool_events=msgspec.to_builtins(self._tool_events) if with_tool_events else None,
-                notify=end_notice(self.id, status),
+                notify=end_notice(self.id, status, chat_id=self.message.chat_id),
             )
             if stored is None:  # ended elsewhere (a remote cancel) or deleted
                 stored = await store.read_message(conn, message_id=self.id)

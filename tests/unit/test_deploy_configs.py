@@ -78,6 +78,7 @@ GATEWAY_METRICS: Final[Mapping[str, MetricSpec]] = {
     "chat_sessions_total": MetricSpec("counter", {}),
     "messages_total": MetricSpec("counter", {"role": None}),
     "llm_calls_total": MetricSpec("counter", {"status": _values("success", "error")}),
+    "llm_early_starts_total": MetricSpec("counter", {"outcome": _values("used", "abandoned")}),
     "llm_call_duration_seconds": MetricSpec("histogram", {}),
     "knowledge_base_searches_total": MetricSpec("counter", {}),
     "sse_open_streams": MetricSpec("gauge", {}),

@@ -131,6 +131,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("QNA_BATCH_INTERVAL_MS", "50", "batch_interval_ms", 50),
     ("QNA_BATCH_MAX_CHARS", "2048", "batch_max_chars", 2048),
     ("QNA_HISTORY_BUDGET_CHARS", "8000", "history_budget_chars", 8000),
+    ("QNA_EARLY_LLM_START", "false", "early_llm_start", False),
     ("QNA_SSE_PING_SECONDS", "0.5", "sse_ping_seconds", 0.5),
     ("QNA_SSE_RETRY_MS", "3000", "sse_retry_ms", 3000),
     ("QNA_DRAIN_SECONDS", "0", "drain_seconds", 0.0),

@@ -35,6 +35,7 @@ class ChatController(Controller):
                 conn, principal=principal, title=data.title, metadata=data.metadata or {}
             )
         services.telemetry.metrics.chat_sessions.inc()
+        services.manager.chat_created(principal, chat.id)
         return chat
 
     @get("/", responses=problem_responses())
@@ -81,3 +82,4 @@ class ChatController(Controller):
             await services.manager.cancel(message)
         async with services.pool.connection() as conn:
             await store.delete_chat(conn, principal=principal, chat_id=cid)
+        services.manager.chat_deleted(cid)

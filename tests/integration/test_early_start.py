@@ -1,0 +1,204 @@
+"""The early LLM call: sent while the question is stored, kept only if the history matches."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import psycopg
+
+from bench.fake_upstream import FakeUpstream
+from tests.conftest import Gateway, GatewayFactory
+from tests.integration.test_security import api_keys, create_chat, new_tenants
+
+
+def early_starts(gateway: Gateway, outcome: str) -> float:
+    services = gateway.lifecycle.services
+    assert services is not None
+    value = services.telemetry.metrics.registry.get_sample_value(
+        "llm_early_starts_total", {"outcome": outcome}
+    )
+    return value or 0.0
+
+
+async def ask(gateway: Gateway, chat_id: str, content: str, **kwargs: Any) -> dict[str, Any]:
+    """Ask and wait for the whole answer (the JSON form of the ask)."""
+    response = await gateway.client.post(
+        f"/v1/chats/{chat_id}/messages", json={"content": content}, **kwargs
+    )
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def sent_lines(upstream: FakeUpstream) -> list[tuple[str, str]]:
+    """The conversation of the upstream's last request, without the system prompt."""
+    return [(m["role"], m["content"]) for m in upstream.last_request()["messages"][1:]]
+
+
+async def test_first_ask_and_follow_ups_use_the_call_started_early(
+    llm_gateway: Gateway, upstream: FakeUpstream
+) -> None:
+    chat_id = await llm_gateway.create_chat()
+    upstream.set_scenario(text="First answer.")
+    first = await ask(llm_gateway, chat_id, "Question one?")
+    assert first["status"] == "completed"
+    assert first["content"] == "First answer."
+    assert sent_lines(upstream) == [("user", "Question one?")]
+
+    upstream.set_scenario(text="Second answer.")
+    second = await ask(llm_gateway, chat_id, "Question two?")
+    assert second["content"] == "Second answer."
+    assert sent_lines(upstream) == [
+        ("user", "Question one?"),
+        ("assistant", "First answer."),
+        ("user", "Question two?"),
+    ]
+    assert early_starts(llm_gateway, "used") == 2
+    assert early_starts(llm_gateway, "abandoned") == 0
+    assert upstream.stats()["requests"] == 2  # one call per ask: none sent twice
+
+
+async def test_the_guess_cuts_the_history_as_the_statement_does(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    """A small budget, answers of every length, a failed answer without text: each ask's
+    expected history is the one the statement reads (else the call would be abandoned)."""
+    gateway = await gateway_factory(
+        openai_base_url=upstream.base_url, model="fake-model", history_budget_chars=60
+    )
+    chat_id = await gateway.create_chat()
+    # Question 0 (11) + "Short." (6) + Question 1 (11) + 32: exactly the budget, all sent.
+    answers = ["Short.", "An answer exactly 32 chars long.", "", "x" * 61, "Ok."]
+    for number, text in enumerate(answers):
+        if text:
+            upstream.set_scenario(text=text)
+        else:
+            upstream.set_scenario(fault="http_500")  # ends `failed`, with no text stored
+        answer = await ask(gateway, chat_id, f"Question {number}?")
+        assert answer["content"] == text
+        if number == 2:
+            assert sent_lines(upstream)[:4] == [
+                ("user", "Question 0?"),
+                ("assistant", "Short."),
+                ("user", "Question 1?"),
+                ("assistant", answers[1]),
+            ]
+    assert early_starts(gateway, "used") == len(answers)
+    assert early_starts(gateway, "abandoned") == 0
+    # The last call: what fits in 60 characters, newest first, the empty answer left out
+    # (the 61-character answer alone is over the budget, so nothing before it is sent).
+    assert sent_lines(upstream) == [("user", "Question 4?")]
+
+
+async def test_a_history_changed_behind_the_process_abandons_the_early_call(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    chat_id = await llm_gateway.create_chat()
+    upstream.set_scenario(text="First answer.")
+    await ask(llm_gateway, chat_id, "Question one?")
+    # Another writer (a replica of an older version, say) adds an exchange without a notice.
+    await db.execute(
+        "INSERT INTO messages (id, chat_id, role, content, status) VALUES"
+        " (%s, %s, 'user', 'Asked elsewhere?', 'completed'),"
+        " (%s, %s, 'assistant', 'Answered elsewhere.', 'completed')",
+        (uuid.uuid4(), chat_id, uuid.uuid4(), chat_id),
+    )
+    # Slow enough that the early call is cut before its stream starts.
+    upstream.set_scenario(text="Second answer.", ttft_ms=300)
+    second = await ask(llm_gateway, chat_id, "Question two?")
+    assert second["content"] == "Second answer."
+    assert sent_lines(upstream) == [
+        ("user", "Question one?"),
+        ("assistant", "First answer."),
+        ("user", "Asked elsewhere?"),
+        ("assistant", "Answered elsewhere."),
+        ("user", "Question two?"),
+    ]
+    assert early_starts(llm_gateway, "used") == 1
+    assert early_starts(llm_gateway, "abandoned") == 1
+    stats = upstream.stats()
+    assert stats["requests"] == 3
+    assert stats["completed"] == 2  # the abandoned call never ran to its end
+    # Its connection was closed, not left open: the upstream saw the client go.
+    async with asyncio.timeout(5):
+        while upstream.stats()["disconnects"] < 1:
+            await asyncio.sleep(0.02)
+
+
+async def test_an_answer_ended_on_another_replica_drops_the_guess(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    here = await gateway_factory(openai_base_url=upstream.base_url, model="fake-model")
+    there = await gateway_factory(openai_base_url=upstream.base_url, model="fake-model")
+    chat_id = await here.create_chat()
+    upstream.set_scenario(text="Answered there.")
+    await ask(there, chat_id, "Asked there?")
+    manager = here.lifecycle.services.manager if here.lifecycle.services else None
+    assert manager is not None
+    assert manager.histories is not None
+    # The other replica's end notice reaches this one, which forgets what it expected.
+    async with asyncio.timeout(5):
+        while uuid.UUID(chat_id) in manager.histories:
+            await asyncio.sleep(0.01)
+
+    upstream.set_scenario(text="Answered here.")
+    await ask(here, chat_id, "Asked here?")
+    assert sent_lines(upstream) == [
+        ("user", "Asked there?"),
+        ("assistant", "Answered there."),
+        ("user", "Asked here?"),
+    ]
+    # No early call on either side: `there` did not know the chat, `here` no longer did.
+    for gateway in (here, there):
+        assert early_starts(gateway, "used") == early_starts(gateway, "abandoned") == 0
+    assert upstream.stats()["requests"] == 2
+
+
+async def test_an_ask_that_fails_abandons_its_early_call(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    chat_id = await llm_gateway.create_chat()
+    await db.execute("DELETE FROM chats WHERE id = %s", (chat_id,))  # deleted elsewhere
+    upstream.set_scenario(ttft_ms=300)
+    response = await llm_gateway.client.post(
+        f"/v1/chats/{chat_id}/messages", json={"content": "Anyone there?"}
+    )
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    assert early_starts(llm_gateway, "abandoned") == 1
+    assert early_starts(llm_gateway, "used") == 0
+    cur = await db.execute("SELECT count(*) FROM messages WHERE chat_id = %s", (chat_id,))
+    assert await cur.fetchone() == (0,)
+
+
+async def test_no_early_call_for_another_principals_chat(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    """The history of alice's chat never goes out on bob's ask, not even to be abandoned."""
+    alice, bob = new_tenants("alice", "bob")
+    gateway = await gateway_factory(
+        openai_base_url=upstream.base_url, model="fake-model", api_keys=api_keys(alice, bob)
+    )
+    chat_id = await create_chat(gateway, alice)
+    response = await gateway.client.post(
+        f"/v1/chats/{chat_id}/messages", json={"content": "Mine now?"}, headers=bob.auth
+    )
+    assert response.status_code == 404
+    assert upstream.stats()["requests"] == 0
+    assert early_starts(gateway, "abandoned") == early_starts(gateway, "used") == 0
+    # alice's own ask still starts early: bob's attempt did not use up her chat's guess.
+    await ask(gateway, chat_id, "Mine?", headers=alice.auth)
+    assert early_starts(gateway, "used") == 1
+
+
+async def test_switched_off(gateway_factory: GatewayFactory, upstream: FakeUpstream) -> None:
+    gateway = await gateway_factory(
+        openai_base_url=upstream.base_url, model="fake-model", early_llm_start=False
+    )
+    chat_id = await gateway.create_chat()
+    upstream.set_scenario(text="Answered.")
+    assert (await ask(gateway, chat_id, "Question?"))["content"] == "Answered."
+    assert early_starts(gateway, "used") == early_starts(gateway, "abandoned") == 0
+    assert upstream.stats()["requests"] == 1
