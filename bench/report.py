@@ -306,6 +306,8 @@ def machine_table(meta: dict[str, Any]) -> str:
         f"{' + httptools' if found.get('httptools/parser') else ''}"
         for name, found in loops.items()
     )
+    gateway_env = meta.get("options", {}).get("gateway_env") or {}
+    env_text = ", ".join(f"`{k}={v}`" for k, v in gateway_env.items()) or "defaults"
     rows = [
         "| | |",
         "|---|---|",
@@ -315,6 +317,7 @@ def machine_table(meta: dict[str, Any]) -> str:
         f"| Python | {machine.get('python', '?')} |",
         f"| PostgreSQL | {meta.get('postgres', '?')} (statements from {meta.get('db_statements_source', '?')}) |",  # noqa: E501
         f"| gateway source | {meta.get('gateway_source', '?')} |",
+        f"| gateway environment (`--gateway-env`) | {env_text} |",
         f"| gateway packages | {', '.join(f'{k} {v}' for k, v in packages.items() if v)} |",
         f"| LiteLLM | {meta.get('litellm') or 'not run'} (`litellm[proxy]`, `--num_workers 1`) |",
         f"| event loops (mapped into each process) | {loop_text} |",

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx2
 import msgspec
 import openai
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from .answers import (
     Answerer,
@@ -42,6 +42,9 @@ COMPACT_PARTS = 64
 
 # How long to wait for the end of a body after [DONE] before giving its connection up.
 FINISH_READING_SECONDS = 2.0
+
+# On an LLM call's span: "used" or "abandoned" when it was sent before the question was stored.
+EARLY_CALL = "qna.early_call"
 
 PREFETCH_NOTE = (
     "Passages from the knowledge base that may answer the question (cite their documents):\n"
@@ -145,7 +148,26 @@ class OpenAIAnswerer:
         request = self._client.post(
             "/chat/completions", cast_to=httpx2.Response, content=_encode_json(body), stream=True
         )
-        return _EarlyCall(conversation, request)
+        return _EarlyCall(conversation, request, on_abandon=self._abandoned)
+
+    def _abandoned(self, started_ns: int) -> None:
+        """An abandoned early call still went out: its span, in the ask's trace."""
+        span = self._call_span(started_ns)
+        span.set_attribute(EARLY_CALL, "abandoned")
+        span.end()
+
+    def _call_span(self, start_time: int | None) -> Span:
+        model = self._settings.model
+        return self._telemetry.tracer.start_span(
+            f"chat {model}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                GenAI.OPERATION: "chat",
+                GenAI.PROVIDER: self._provider,
+                GenAI.REQUEST_MODEL: model,
+            },
+            start_time=start_time,
+        )
 
     @property
     def _max_rounds(self) -> int:
@@ -239,17 +261,9 @@ class OpenAIAnswerer:
         The span is started, not made current: the text goes out from the connection's
         callback, and what runs there must not see this span as its own.
         """
-        model = self._settings.model
-        span = self._telemetry.tracer.start_span(
-            f"chat {model}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                GenAI.OPERATION: "chat",
-                GenAI.PROVIDER: self._provider,
-                GenAI.REQUEST_MODEL: model,
-            },
-            start_time=early.started_ns if early else None,
-        )
+        span = self._call_span(early.started_ns if early else None)
+        if early is not None:
+            span.set_attribute(EARLY_CALL, "used")
         started = early.started if early else time.monotonic()
         failure: str | None = None
         try:
@@ -417,13 +431,18 @@ class _EarlyCall:
     """A first round's request, sent from a task of its own while the ask's statement runs."""
 
     def __init__(
-        self, conversation: Sequence[ChatLine], request: Coroutine[Any, Any, httpx2.Response]
+        self,
+        conversation: Sequence[ChatLine],
+        request: Coroutine[Any, Any, httpx2.Response],
+        *,
+        on_abandon: Callable[[int], None],
     ) -> None:
         self._conversation = tuple(conversation)
         self._started = time.monotonic()
         self._started_ns = time.time_ns()
         self._task = asyncio.create_task(request, name="qna-early-llm-call")
         self._taken = False
+        self._on_abandon = on_abandon
 
     @property
     def conversation(self) -> Sequence[ChatLine]:
@@ -441,6 +460,7 @@ class _EarlyCall:
         if not self._taken:
             self._taken = True
             _discard(self._task)
+            self._on_abandon(self._started_ns)
 
     async def response(self) -> httpx2.Response:
         self._taken = True

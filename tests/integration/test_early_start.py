@@ -7,8 +7,12 @@ import uuid
 from typing import Any
 
 import psycopg
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from bench.fake_upstream import FakeUpstream
+from qna_gateway.telemetry import create_telemetry
 from tests.conftest import Gateway, GatewayFactory
 from tests.integration.test_security import api_keys, create_chat, new_tenants
 
@@ -202,3 +206,56 @@ async def test_switched_off(gateway_factory: GatewayFactory, upstream: FakeUpstr
     assert (await ask(gateway, chat_id, "Question?"))["content"] == "Answered."
     assert early_starts(gateway, "used") == early_starts(gateway, "abandoned") == 0
     assert upstream.stats()["requests"] == 1
+
+
+def finished_spans(gateway: Gateway, exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    provider = gateway.app.state.telemetry.provider
+    assert provider is not None
+    assert provider.force_flush()
+    return list(exporter.get_finished_spans())
+
+
+async def test_early_calls_have_their_spans_in_the_asks_trace(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    exporter = InMemorySpanExporter()
+    gateway = await gateway_factory(
+        openai_base_url=upstream.base_url,
+        model="fake-model",
+        telemetry=create_telemetry({}, exporter=exporter),
+    )
+    chat_id = await gateway.create_chat()
+    await ask(gateway, chat_id, "Question one?")
+    spans = finished_spans(gateway, exporter)
+    answer = next(s for s in spans if s.name == "answer")
+    call = next(s for s in spans if s.name == "chat fake-model")
+    statement = next(
+        s for s in spans if "INSERT INTO messages" in str((s.attributes or {}).get("db.query.text"))
+    )
+    assert call.attributes is not None
+    assert call.attributes["qna.early_call"] == "used"
+    assert call.parent is not None
+    assert call.parent.span_id == answer.context.span_id
+    # Sent before the question was stored, and the answer's span starts with it.
+    assert call.start_time is not None
+    assert statement.start_time is not None
+    assert call.start_time < statement.start_time
+    assert answer.start_time == call.start_time
+
+    exporter.clear()
+    await db.execute(
+        "INSERT INTO messages (id, chat_id, role, content, status)"
+        " VALUES (%s, %s, 'user', 'Asked elsewhere?', 'completed')",
+        (uuid.uuid4(), chat_id),
+    )
+    await ask(gateway, chat_id, "Question two?")
+    spans = finished_spans(gateway, exporter)
+    server = next(s for s in spans if s.kind == SpanKind.SERVER and s.name.startswith("POST"))
+    calls = [s for s in spans if s.name == "chat fake-model"]
+    abandoned = [s for s in calls if (s.attributes or {}).get("qna.early_call")]
+    assert len(calls) == 2
+    assert len(abandoned) == 1
+    assert abandoned[0].attributes is not None
+    assert abandoned[0].attributes["qna.early_call"] == "abandoned"
+    assert abandoned[0].parent is not None
+    assert abandoned[0].parent.span_id == server.context.span_id
