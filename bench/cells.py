@@ -11,11 +11,12 @@ from typing import Any, Final
 
 from bench.stats import Histogram, percentile
 
-PEERS: Final = ("gateway", "litellm")
+PEERS: Final = ("gateway", "litellm", "relay")
 LABELS: Final = {
     "upstream": "(a) fake upstream direct",
     "gateway": "(b) qna-gateway",
     "litellm": "(c) LiteLLM proxy",
+    "relay": "(d) hand-rolled FastAPI relay",
 }
 LIMIT_TTFT_P99: Final = 0.050
 LIMIT_GAP_P99: Final = 0.010

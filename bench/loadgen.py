@@ -5,7 +5,7 @@ protocols (one connection per stream, chunked bodies decoded by hand, a minimal 
 because an HTTP client library costs more per chunk than the servers being measured.
 
 Targets: `openai` counts `data:` chunks whose delta carries non-empty content (the fake upstream
-directly, or an OpenAI-compatible proxy such as LiteLLM); `gateway` asks qna-gateway
+directly, or an OpenAI-compatible proxy: LiteLLM, the FastAPI relay); `gateway` asks qna-gateway
 (`POST /v1/chats/{id}/messages`, one pre-created chat per stream) and counts `message.delta`.
 Every request carries `[[fake:{"seed": n}]]`, so stream n of every target gets the same
 upstream timing and the figures can be compared stream for stream.

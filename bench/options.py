@@ -11,7 +11,7 @@ from typing import Final
 
 from bench.stack import DEFAULT_ADMIN_URL, ROOT
 
-CONFIGS: Final = ("upstream", "gateway", "litellm")
+CONFIGS: Final = ("upstream", "gateway", "litellm", "relay")
 RESULTS: Final = ROOT / "bench" / "results"
 
 
@@ -45,7 +45,9 @@ def _levels(text: str) -> tuple[int, ...]:
 def options_from_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run",
-        description="qna-gateway, LiteLLM and the bare upstream, side by side.",
+        description=(
+            "qna-gateway, LiteLLM, a hand-rolled FastAPI relay and the bare upstream, side by side."
+        ),
     )
     parser.add_argument(
         "--quick",
@@ -56,6 +58,9 @@ def options_from_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--zero-levels", type=_levels, help="zero-delay levels ('' for none)")
     parser.add_argument("--rounds", type=int, help="repeats of every (level, configuration)")
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out")
+    parser.add_argument(
+        "--no-relay", action="store_true", help="leave the hand-rolled FastAPI relay out"
+    )
     parser.add_argument(
         "--refine",
         type=int,
@@ -104,7 +109,8 @@ def options_from_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--keep-work", action="store_true", help="keep logs and raw windows")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
-    configs = tuple(c for c in CONFIGS if not (c == "litellm" and args.no_litellm))
+    left_out = {"litellm": args.no_litellm, "relay": args.no_relay}
+    configs = tuple(c for c in CONFIGS if not left_out.get(c))
     return Options(
         quick=quick,
         paced_levels=args.levels

@@ -21,7 +21,12 @@ def plot(cells: dict[tuple[str, str, int], Cell], out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"upstream": "#888888", "gateway": "#1f77b4", "litellm": "#d62728"}
+    colours = {
+        "upstream": "#888888",
+        "gateway": "#1f77b4",
+        "litellm": "#d62728",
+        "relay": "#2ca02c",
+    }
     written: list[str] = []
 
     def series(phase: str, config: str, name: str, scale: float) -> tuple[list[int], list[float]]:

@@ -215,18 +215,29 @@ def verdicts(cells: dict[tuple[str, str, int], Cell], meta: dict[str, Any]) -> l
             f"{_num(cell.commits_per_answer, '{:.1f}')} commits per answer",
         )
     if any(c == "litellm" for _, c, _ in cells):
-        verdict(*_ahead_of_litellm(cells))
+        verdict(*_ahead_of(cells, "litellm", "LiteLLM"))
     return out
 
 
-def _ahead_of_litellm(cells: dict[tuple[str, str, int], Cell]) -> tuple[bool, str]:
+def relay_comparison(cells: dict[tuple[str, str, int], Cell]) -> str:
+    """Against the hand-rolled relay: no target (it stores nothing, checks nothing), but the
+    question every team that could write one asks."""
+    if not any(c == "relay" for _, c, _ in cells):
+        return ""
+    ahead, text = _ahead_of(cells, "relay", "the hand-rolled FastAPI relay")
+    return f"- {'**yes**' if ahead else '**no**'}: {text}"
+
+
+def _ahead_of(
+    cells: dict[tuple[str, str, int], Cell], peer: str, name_of_peer: str
+) -> tuple[bool, str]:
     behind: list[str] = []
     compared = 0
     for (phase, config, level), ours in sorted(cells.items()):
-        theirs = cells.get((phase, "litellm", level))
+        theirs = cells.get((phase, peer, level))
         if config != "gateway" or theirs is None or not ours.windows:
             continue
-        if not theirs.windows:  # LiteLLM was already saturated below this level
+        if not theirs.windows:  # the peer was already saturated below this level
             compared += 1
             continue
         for name in (
@@ -248,10 +259,10 @@ def _ahead_of_litellm(cells: dict[tuple[str, str, int], Cell]) -> tuple[bool, st
         if ours.errors > theirs.errors:
             behind.append(f"errors at {level} {phase}")
     ok_ours = highest_within_limits(cells, "gateway")
-    ok_theirs = highest_within_limits(cells, "litellm")
+    ok_theirs = highest_within_limits(cells, peer)
     if ok_ours < ok_theirs:
         behind.append("highest concurrency within limits")
-    text = f"ahead of LiteLLM on every figure ({compared} comparisons)"
+    text = f"ahead of {name_of_peer} on every figure ({compared} comparisons)"
     if behind:
         text += ": behind on " + ", ".join(behind)
     return not behind, text
@@ -308,6 +319,8 @@ def machine_table(meta: dict[str, Any]) -> str:
     )
     gateway_env = meta.get("options", {}).get("gateway_env") or {}
     env_text = ", ".join(f"`{k}={v}`" for k, v in gateway_env.items()) or "defaults"
+    relay = meta.get("relay") or {}
+    relay_text = ", ".join(f"{k} {v}" for k, v in relay.items()) or "not run"
     rows = [
         "| | |",
         "|---|---|",
@@ -320,8 +333,9 @@ def machine_table(meta: dict[str, Any]) -> str:
         f"| gateway environment (`--gateway-env`) | {env_text} |",
         f"| gateway packages | {', '.join(f'{k} {v}' for k, v in packages.items() if v)} |",
         f"| LiteLLM | {meta.get('litellm') or 'not run'} (`litellm[proxy]`, `--num_workers 1`) |",
+        f"| FastAPI relay | {relay_text} (`bench/peers/fastapi_relay.py`, uvicorn, one worker) |",
         f"| event loops (mapped into each process) | {loop_text} |",
-        f"| pinning | gateway and LiteLLM on core {meta.get('pinning', {}).get('servers')}; fake "
+        f"| pinning | gateway and its peers on core {meta.get('pinning', {}).get('servers')}; fake "
         f"upstream and load generator on core {meta.get('pinning', {}).get('upstream_and_load')};"
         " PostgreSQL unpinned |",
         f"| run time | {float(meta.get('seconds', 0)):.0f} s |",
@@ -335,7 +349,7 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
     idle = meta.get("idle", {})
     command = "python -m bench.run" + (" --quick" if options.get("quick") else "")
     parts = [
-        "# qna-gateway vs LiteLLM vs the bare upstream",
+        "# qna-gateway vs LiteLLM vs a hand-rolled FastAPI relay vs the bare upstream",
         "",
         f"Reproduce: `make bench` (= `{command}`; `--quick` for a ~2-minute run). Raw results: "
         "`latest-raw.jsonl.gz`; every figure is relative to the fake upstream measured directly "
@@ -351,6 +365,7 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
         "",
         *verdicts(cells, meta),
         "",
+        *_relay_section(cells),
         "## Paced upstream: TTFT 300 ± 100 ms, 40 tokens/s ± 10 ms, 300 tokens",
         "",
         phase_table(cells, "paced"),
@@ -397,6 +412,22 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
         "",
     ]
     return "\n".join(parts)
+
+
+def _relay_section(cells: dict[tuple[str, str, int], Cell]) -> list[str]:
+    line = relay_comparison(cells)
+    if not line:
+        return []
+    return [
+        "## Against the hand-rolled relay (no target)",
+        "",
+        "(d) is what a team writes instead of adopting a gateway: FastAPI and the openai SDK "
+        "relaying the stream, nothing stored, no auth, no limits, no metrics "
+        "(`bench/peers/fastapi_relay.py`). The gateway does all of that on top.",
+        "",
+        line,
+        "",
+    ]
 
 
 def _db_idle_text(meta: dict[str, Any]) -> str:

@@ -49,10 +49,12 @@ from bench.stack import (
     EmbeddedServer,
     Gateway,
     LiteLLM,
+    Relay,
     Upstream,
     litellm_venv,
     start_gateway,
     start_litellm,
+    start_relay,
     start_upstream,
 )
 
@@ -60,7 +62,7 @@ from bench.stack import (
 QUIET_CORES: Final = 0.15
 # A process under test using more than this is still busy with the previous window.
 BUSY_CORES: Final = 0.1
-SYSTEMS: Final = ("gateway", "litellm")
+SYSTEMS: Final = ("gateway", "litellm", "relay")
 ZERO_SINGLE_STREAMS: Final = 20
 # A paced stream's length (0.3 s to the first of 300 tokens at 40 a second): with --open-loop,
 # arrivals at N / this a second, for this long, hold about N streams open at the end.
@@ -104,6 +106,7 @@ class Bench:
         self.upstream: Upstream | None = None
         self.gateway: Gateway | None = None
         self.litellm: LiteLLM | None = None
+        self.relay: Relay | None = None
         self.db: BenchDatabase | None = None
         self.embedded: EmbeddedServer | None = None
         self.windows: list[WindowRecord] = []
@@ -154,9 +157,24 @@ class Bench:
                     )
                 )
             )
+        if "relay" in options.configs:
+            tasks.append(
+                asyncio.create_task(
+                    start_relay(
+                        upstream=self.upstream,
+                        port=_free_port(),
+                        work_dir=self.work,
+                        core=self.pin_server,
+                    )
+                )
+            )
         started = await asyncio.gather(*tasks)
         self.gateway = started[0]
-        self.litellm = started[1] if len(started) > 1 else None
+        for peer in started[1:]:
+            if isinstance(peer, LiteLLM):
+                self.litellm = peer
+            elif isinstance(peer, Relay):
+                self.relay = peer
 
     def _gateway_source(self) -> tuple[Path, Path]:
         """src/ and kb/ to run: the working tree, or a snapshot of a git ref (stable while
@@ -175,6 +193,7 @@ class Bench:
     async def stop(self) -> None:
         for name, service in (
             ("litellm", self.litellm.service if self.litellm else None),
+            ("relay", self.relay.service if self.relay else None),
             ("gateway", self.gateway.service if self.gateway else None),
             ("upstream", self.upstream.service if self.upstream else None),
         ):
@@ -194,6 +213,8 @@ class Bench:
             out["gateway"] = self.gateway.service.pid
         if self.litellm:
             out["litellm"] = self.litellm.service.pid
+        if self.relay:
+            out["relay"] = self.relay.service.pid
         return out
 
     # -- measuring ----------------------------------------------------------------------------
@@ -327,6 +348,9 @@ class Bench:
                 "--header",
                 f"Authorization: Bearer {LITELLM_MASTER_KEY}",
             ]
+        elif record.config == "relay":
+            assert self.relay is not None
+            argv += ["--target", "openai", "--url", self.relay.completions_url]
         else:
             assert self.gateway is not None
             # Open loop: level / OPEN_LOOP_SECONDS a second for OPEN_LOOP_SECONDS, as many.
@@ -381,8 +405,7 @@ class Bench:
         )
         usage0 = await self._usage()
         busy0, self_cpu0 = machine_busy_seconds(), time.process_time()
-        target = {"upstream": "upstream", "gateway": "gateway", "litellm": "litellm"}[record.config]
-        sampler = PeakSampler({target: self.pids()[target]})
+        sampler = PeakSampler({record.config: self.pids()[record.config]})
         sampler.start()
         started = time.monotonic()
         process.stdin.write(b"GO\n")
@@ -539,6 +562,7 @@ class Bench:
         meta["machine"] = environment.machine()
         meta["packages"] = environment.packages()
         meta["litellm"] = self.litellm.version if self.litellm else None
+        meta["relay"] = self.relay.versions if self.relay else None
         meta["postgres"] = await self.db.server_version()
         meta["db_statements_source"] = self.db.statements_source
         meta["gateway_source"] = environment.gateway_source(self.options.gateway_ref)
@@ -611,6 +635,7 @@ async def _run(options: Options, work: Path) -> Path:
         print(
             "starting fake upstream, database, gateway"
             + (", LiteLLM" if "litellm" in options.configs else "")
+            + (", the FastAPI relay" if "relay" in options.configs else "")
             + "...",
             flush=True,
         )

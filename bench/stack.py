@@ -1,4 +1,5 @@
-"""The systems under test, started for one run: fake upstream, database, gateway, LiteLLM."""
+"""The systems under test, started for one run: fake upstream, database, gateway, LiteLLM,
+the hand-rolled FastAPI relay."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import subprocess
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -23,6 +24,8 @@ from bench.procs import Service, start_service
 ROOT: Final = Path(__file__).resolve().parent.parent
 LITELLM_VERSION: Final = "1.106.12"  # never 1.107.0: that release was compromised
 LITELLM_MASTER_KEY: Final = "sk-qna-bench-local-only"  # a loopback-only proxy's key
+# The hand-rolled peer's stack, pinned; openai and uvicorn at the gateway's own versions.
+RELAY_PINS: Final = {"fastapi": "0.163.2", "uvicorn": "0.54.0", "openai": "3.57.0"}
 MODEL: Final = "fake-model"
 DEFAULT_ADMIN_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -361,17 +364,22 @@ async def start_gateway(
 # -- LiteLLM --------------------------------------------------------------------------------
 
 
-def litellm_venv() -> Path:
+def tool_venv(name: str) -> Path:
+    """Where a peer's own venv lives: outside the repository, kept between runs."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "qna-bench" / "litellm-venv"
+    return cache / "qna-bench" / name
 
 
-def installed_litellm(venv: Path) -> str | None:
+def litellm_venv() -> Path:
+    return tool_venv("litellm-venv")
+
+
+def installed_version(venv: Path, package: str) -> str | None:
     python = venv / "bin" / "python"
     if not python.exists():
         return None
     probe = subprocess.run(
-        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
         capture_output=True,
         text=True,
         check=False,
@@ -379,23 +387,26 @@ def installed_litellm(venv: Path) -> str | None:
     return probe.stdout.strip() or None if probe.returncode == 0 else None
 
 
-def ensure_litellm(venv: Path) -> str:
-    """LiteLLM proxy, pinned, in a venv of its own outside the repository (installs once)."""
-    version = installed_litellm(venv)
-    if version == LITELLM_VERSION:
-        return version
-    print(f"installing litellm[proxy]=={LITELLM_VERSION} into {venv} (once)...", flush=True)
+def ensure_venv(venv: Path, requirements: Sequence[str], pinned: Mapping[str, str]) -> None:
+    """`requirements` installed in a venv of their own (once): `pinned` says which packages
+    must be at which versions for the venv to count as installed."""
+    if all(installed_version(venv, name) == version for name, version in pinned.items()):
+        return
+    print(f"installing {' '.join(requirements)} into {venv} (once)...", flush=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
     if not (venv / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", f"litellm[proxy]=={LITELLM_VERSION}"],
-        check=True,
-    )
-    version = installed_litellm(venv)
-    if version != LITELLM_VERSION:
-        raise RuntimeError(f"expected litellm {LITELLM_VERSION} in {venv}, found {version}")
-    return version
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", *requirements], check=True)
+    for name, version in pinned.items():
+        found = installed_version(venv, name)
+        if found != version:
+            raise RuntimeError(f"expected {name} {version} in {venv}, found {found}")
+
+
+def ensure_litellm(venv: Path) -> str:
+    """LiteLLM proxy, pinned, in a venv of its own outside the repository (installs once)."""
+    ensure_venv(venv, [f"litellm[proxy]=={LITELLM_VERSION}"], {"litellm": LITELLM_VERSION})
+    return LITELLM_VERSION
 
 
 @dataclass
@@ -447,3 +458,48 @@ async def start_litellm(
     proxy = LiteLLM(service, f"http://127.0.0.1:{port}", version)
     await wait_http(proxy.url + "/health/liveliness", service, within=120)
     return proxy
+
+
+# -- the hand-rolled FastAPI relay -------------------------------------------------------------
+
+
+@dataclass
+class Relay:
+    service: Service
+    url: str
+    versions: dict[str, str]
+
+    @property
+    def completions_url(self) -> str:
+        return self.url + "/v1/chat/completions"
+
+
+async def start_relay(*, upstream: Upstream, port: int, work_dir: Path, core: int | None) -> Relay:
+    venv = tool_venv("fastapi-relay-venv")
+    requirements = [
+        f"{name}[standard]=={version}" if name == "uvicorn" else f"{name}=={version}"
+        for name, version in RELAY_PINS.items()
+    ]
+    ensure_venv(venv, requirements, RELAY_PINS)
+    command = [
+        str(venv / "bin" / "uvicorn"),
+        "fastapi_relay:app",
+        "--app-dir",
+        str(ROOT / "bench" / "peers"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    env = clean_env({"RELAY_UPSTREAM_URL": upstream.base_url})
+    service = start_service("relay", command, env=env, cwd=work_dir, log_dir=work_dir, core=core)
+    relay = Relay(service, f"http://127.0.0.1:{port}", dict(RELAY_PINS))
+    await wait_http(relay.url + "/health", service, within=60)
+    return relay
