@@ -65,7 +65,7 @@ StreamEvent = TextAppended | ToolEventAppended | Ended | Resync | Reconnect
 class Notice(msgspec.Struct, omit_defaults=True):
     """The NOTIFY payload: `m` message id; `o`+`t` a text batch; `n` a text end offset; `e` the
     final status (with `h`, the chat, when a turn ended it); `c` a cancel request for the
-    replica that owns the turn."""
+    replica that owns the turn; `d`: the chat `m` was deleted (no message is meant)."""
 
     m: str
     o: int | None = None
@@ -74,6 +74,7 @@ class Notice(msgspec.Struct, omit_defaults=True):
     e: str | None = None
     h: str | None = None
     c: bool = False
+    d: bool = False
 
 
 _encoder = msgspec.json.Encoder()
@@ -95,6 +96,10 @@ def resync_notice(message_id: UUID, text_end: int) -> str:
 def end_notice(message_id: UUID, status: str, *, chat_id: UUID | None = None) -> str:
     chat = str(chat_id) if chat_id is not None else None
     return _encoder.encode(Notice(m=str(message_id), e=status, h=chat)).decode()
+
+
+def deleted_notice(chat_id: UUID) -> str:
+    return _encoder.encode(Notice(m=str(chat_id), d=True)).decode()
 
 
 def cancel_notice(message_id: UUID) -> str:

@@ -98,6 +98,10 @@ class KnownHistories:
     def forget(self, chat_id: UUID) -> None:
         self._drop(chat_id)
 
+    def clear(self) -> None:
+        self._entries.clear()
+        self._chars = 0
+
     def _put(self, chat_id: UUID, entry: _Entry) -> None:
         self._drop(chat_id)
         self._entries[chat_id] = entry

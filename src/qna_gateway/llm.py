@@ -140,10 +140,10 @@ class OpenAIAnswerer:
         settings = self._settings
         if settings.kb_mode == "prefetch":
             return None  # its first request waits for a search
-        try:
-            self._breaker.check()
-        except AnswerError:
-            return None  # the answer will say why
+        if self._breaker.open:
+            # Open, the answer will say why; half-open, its trial call must be one whose
+            # outcome is reported, and an early call may yet be abandoned.
+            return None
         body = self._request_body(_messages_of(conversation), offer_tool=self._max_rounds > 0)
         request = self._client.post(
             "/chat/completions", cast_to=httpx2.Response, content=_encode_json(body), stream=True
@@ -152,6 +152,7 @@ class OpenAIAnswerer:
 
     def _abandoned(self, started_ns: int) -> None:
         """An abandoned early call still went out: its span, in the ask's trace."""
+        self._telemetry.metrics.llm_early_starts.labels("abandoned").inc()
         span = self._call_span(started_ns)
         span.set_attribute(EARLY_CALL, "abandoned")
         span.end()
@@ -264,6 +265,7 @@ class OpenAIAnswerer:
         span = self._call_span(early.started_ns if early else None)
         if early is not None:
             span.set_attribute(EARLY_CALL, "used")
+            self._telemetry.metrics.llm_early_starts.labels("used").inc()
         started = early.started if early else time.monotonic()
         failure: str | None = None
         try:

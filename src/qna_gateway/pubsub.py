@@ -35,10 +35,14 @@ class EventHub:
         *,
         on_cancel: Callable[[UUID], None],
         on_end: Callable[[UUID, UUID], None] | None = None,
+        on_chat_deleted: Callable[[UUID], None] | None = None,
+        on_missed: Callable[[], None] | None = None,
     ) -> None:
         self._conninfo = conninfo
         self._on_cancel = on_cancel
         self._on_end = on_end  # (chat id, message id) of an answer that ended, here or not
+        self._on_chat_deleted = on_chat_deleted  # a chat deleted, here or not
+        self._on_missed = on_missed  # notices may have been lost while the listener was away
         self._subscribers: defaultdict[UUID, set[Subscriber]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -84,6 +88,8 @@ class EventHub:
                     await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
                     if self._ready.is_set():
                         self.broadcast(Resync())
+                        if self._on_missed is not None:
+                            self._on_missed()
                     self._ready.set()
                     delay = 0.2
                     async for notify in conn.notifies():
@@ -106,6 +112,10 @@ class EventHub:
             return
         if notice.c:
             self._on_cancel(message_id)
+            return
+        if notice.d:
+            if self._on_chat_deleted is not None:
+                self._on_chat_deleted(message_id)
             return
         if notice.h is not None and self._on_end is not None:
             try:

@@ -57,7 +57,13 @@ class TurnManager:
             if settings.early_llm_start
             else None
         )
-        self.hub = EventHub(conninfo, on_cancel=self._on_remote_cancel, on_end=self._on_end)
+        self.hub = EventHub(
+            conninfo,
+            on_cancel=self._on_remote_cancel,
+            on_end=self._on_end,
+            on_chat_deleted=self.chat_deleted,
+            on_missed=self._on_missed_notices,
+        )
         self._turns: dict[UUID, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -193,12 +199,9 @@ class TurnManager:
         self.telemetry.metrics.messages.labels("user").inc()
         self.telemetry.metrics.messages.labels("assistant").inc()
         conversation = self._conversation(history, content)
-        if early is not None:
-            if list(early.conversation) == conversation:
-                self.telemetry.metrics.llm_early_starts.labels("used").inc()
-            else:
-                self._abandon(early)
-                early = None
+        if early is not None and list(early.conversation) != conversation:
+            self._abandon(early)
+            early = None
         turn = Turn(
             message=answer,
             conversation=conversation,
@@ -236,15 +239,20 @@ class TurnManager:
     def _abandon(self, early: EarlyCall | None) -> None:
         if early is not None:
             early.abandon()
-            self.telemetry.metrics.llm_early_starts.labels("abandoned").inc()
 
     def chat_created(self, principal: str, chat_id: UUID) -> None:
         if self.histories is not None:
             self.histories.created(principal, chat_id)
 
     def chat_deleted(self, chat_id: UUID) -> None:
+        """Deleted here or, by its notice, elsewhere: its history must not go out again."""
         if self.histories is not None:
             self.histories.forget(chat_id)
+
+    def _on_missed_notices(self) -> None:
+        # The listener was away: a chat may have been deleted or answered elsewhere meanwhile.
+        if self.histories is not None:
+            self.histories.clear()
 
     def _on_end(self, chat_id: UUID, message_id: UUID) -> None:
         if self.histories is not None:

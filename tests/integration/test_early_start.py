@@ -10,8 +10,10 @@ import psycopg
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from psycopg.conninfo import make_conninfo
 
 from bench.fake_upstream import FakeUpstream
+from qna_gateway.settings import Secret
 from qna_gateway.telemetry import create_telemetry
 from tests.conftest import Gateway, GatewayFactory
 from tests.integration.test_security import api_keys, create_chat, new_tenants
@@ -164,7 +166,9 @@ async def test_an_ask_that_fails_abandons_its_early_call(
     llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
 ) -> None:
     chat_id = await llm_gateway.create_chat()
-    await db.execute("DELETE FROM chats WHERE id = %s", (chat_id,))  # deleted elsewhere
+    # Deleted by hand, without the API's notice: the process still expects the chat, and only
+    # the statement's 404 tells it otherwise (the README says what this costs).
+    await db.execute("DELETE FROM chats WHERE id = %s", (chat_id,))
     upstream.set_scenario(ttft_ms=300)
     response = await llm_gateway.client.post(
         f"/v1/chats/{chat_id}/messages", json={"content": "Anyone there?"}
@@ -175,6 +179,102 @@ async def test_an_ask_that_fails_abandons_its_early_call(
     assert early_starts(llm_gateway, "used") == 0
     cur = await db.execute("SELECT count(*) FROM messages WHERE chat_id = %s", (chat_id,))
     assert await cur.fetchone() == (0,)
+
+
+async def test_a_deleted_chat_is_not_sent_again_here_or_on_another_replica(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    """What was deleted must not go to the LLM again, not even in a call to be abandoned."""
+    here = await gateway_factory(openai_base_url=upstream.base_url, model="fake-model")
+    there = await gateway_factory(openai_base_url=upstream.base_url, model="fake-model")
+    manager = here.lifecycle.services.manager if here.lifecycle.services else None
+    assert manager is not None
+    assert manager.histories is not None
+    upstream.set_scenario(text="Secret answer.", ttft_ms=300)
+    deleted_there, deleted_here = await here.create_chat(), await here.create_chat()
+    for chat_id in (deleted_there, deleted_here):
+        await ask(here, chat_id, "My secret question?")
+        assert uuid.UUID(chat_id) in manager.histories
+    assert upstream.stats()["requests"] == 2
+
+    assert (await there.client.delete(f"/v1/chats/{deleted_there}")).status_code == 204
+    # The delete's notice reaches this replica, which forgets the chat.
+    async with asyncio.timeout(5):
+        while uuid.UUID(deleted_there) in manager.histories:
+            await asyncio.sleep(0.01)
+    assert (await here.client.delete(f"/v1/chats/{deleted_here}")).status_code == 204
+    assert uuid.UUID(deleted_here) not in manager.histories
+
+    for chat_id in (deleted_there, deleted_here):
+        response = await here.client.post(
+            f"/v1/chats/{chat_id}/messages", json={"content": "Again?"}
+        )
+        assert response.status_code == 404
+    assert upstream.stats()["requests"] == 2
+    assert early_starts(here, "abandoned") == 0
+
+
+async def test_a_listener_that_lost_its_connection_forgets_every_guess(
+    gateway_factory: GatewayFactory,
+    upstream: FakeUpstream,
+    database_url: str,
+    db: psycopg.AsyncConnection,
+) -> None:
+    """Notices sent while the listener was away (a delete, another replica's answer) are lost:
+    once it is back, this process expects nothing of any chat."""
+    name = f"qna-test-{uuid.uuid4().hex[:12]}"
+    gateway = await gateway_factory(
+        database_url=Secret(make_conninfo(database_url, application_name=name)),
+        openai_base_url=upstream.base_url,
+        model="fake-model",
+    )
+    manager = gateway.lifecycle.services.manager if gateway.lifecycle.services else None
+    assert manager is not None
+    assert manager.histories is not None
+    chat_ids = [uuid.UUID(await gateway.create_chat()) for _ in range(2)]
+    assert all(chat_id in manager.histories for chat_id in chat_ids)
+    cur = await db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = %s AND query LIKE 'LISTEN%%'",
+        (name,),
+    )
+    assert await cur.fetchall() == [(True,)]  # exactly the gateway's listener
+    async with asyncio.timeout(10):  # it reconnects after a short, jittered pause
+        while len(manager.histories):
+            await asyncio.sleep(0.02)
+    upstream.set_scenario(text="Answered.")
+    assert (await ask(gateway, str(chat_ids[0]), "Question?"))["content"] == "Answered."
+    assert early_starts(gateway, "used") == early_starts(gateway, "abandoned") == 0
+
+
+async def test_no_early_call_while_the_breaker_is_half_open(
+    gateway_factory: GatewayFactory, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    """The half-open breaker lets one trial call through, whose outcome must be reported: an
+    early call that is then abandoned would use it up, and the answer would fail fast."""
+    gateway = await gateway_factory(
+        openai_base_url=upstream.base_url,
+        model="fake-model",
+        llm_breaker_failures=1,
+        llm_breaker_seconds=0.2,
+        llm_max_retries=0,
+    )
+    chat_id = await gateway.create_chat()
+    upstream.set_scenario(fault="http_500")
+    assert (await ask(gateway, chat_id, "Question one?"))["status"] == "failed"  # now open
+    # The history changes behind the process, so an early call would be abandoned.
+    await db.execute(
+        "INSERT INTO messages (id, chat_id, role, content, status)"
+        " VALUES (%s, %s, 'user', 'Asked elsewhere?', 'completed')",
+        (uuid.uuid4(), chat_id),
+    )
+    await asyncio.sleep(0.3)  # the cooldown is over: half-open
+    upstream.set_scenario(text="Back again.", ttft_ms=100)
+    answer = await ask(gateway, chat_id, "Question two?")
+    assert answer["status"] == "completed"
+    assert answer["content"] == "Back again."
+    assert early_starts(gateway, "used") == 1  # the first ask's
+    assert early_starts(gateway, "abandoned") == 0
 
 
 async def test_no_early_call_for_another_principals_chat(

@@ -9,6 +9,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from ..errors import problem_responses
+from ..events import deleted_notice
 from ..lifecycle import Services
 from ..schemas import Chat, ChatCreate, ChatPage
 from ..store import chats as store
@@ -80,6 +81,10 @@ class ChatController(Controller):
             )
         if message is not None and not message.is_terminal:
             await services.manager.cancel(message)
-        async with services.pool.connection() as conn:
+        # Forgotten before and after: an answer ending meanwhile would record it again.
+        services.manager.chat_deleted(cid)
+        async with services.pool.connection() as conn, conn.transaction():
             await store.delete_chat(conn, principal=principal, chat_id=cid)
+            # One transaction: the other replicas hear of the delete exactly when it is done.
+            await message_store.notify(conn, payload=deleted_notice(cid))
         services.manager.chat_deleted(cid)
