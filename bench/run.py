@@ -1,4 +1,5 @@
-"""`python -m bench.run [--quick]`: the fake upstream, qna-gateway and LiteLLM, side by side.
+"""`python -m bench.run [--quick]`: the fake upstream, qna-gateway, LiteLLM and a hand-rolled
+FastAPI relay, side by side.
 
 One run starts every system, then sweeps concurrency levels with every configuration
 interleaved (a round is one window of each configuration at each level; rounds repeat, and
@@ -7,8 +8,9 @@ the order of configurations rotates from round to round):
   upstream  the fake upstream directly: the floor every figure is measured against
   gateway   qna-gateway with persistence on (PostgreSQL), tools mode
   litellm   LiteLLM proxy (pinned release), one worker, pointed at the same upstream
+  relay     FastAPI + the openai SDK relaying the stream (bench/peers/), one worker, likewise
 
-The gateway and LiteLLM run on core 0; the fake upstream and the load generator on core 1.
+The gateway and its peers run on core 0; the fake upstream and the load generator on core 1.
 Raw results go to bench/results/latest-raw.jsonl.gz, then `bench.report` writes latest.md,
 latest.json and the plots.
 """
@@ -43,13 +45,11 @@ from bench.procs import (
     usage_of,
 )
 from bench.stack import (
-    LITELLM_MASTER_KEY,
     ROOT,
     BenchDatabase,
     EmbeddedServer,
     Gateway,
-    LiteLLM,
-    Relay,
+    Proxy,
     Upstream,
     litellm_venv,
     start_gateway,
@@ -105,8 +105,7 @@ class Bench:
         self.pin_load = spare[1] if len(spare) >= 2 else None
         self.upstream: Upstream | None = None
         self.gateway: Gateway | None = None
-        self.litellm: LiteLLM | None = None
-        self.relay: Relay | None = None
+        self.peers: dict[str, Proxy] = {}  # by configuration: litellm, relay
         self.db: BenchDatabase | None = None
         self.embedded: EmbeddedServer | None = None
         self.windows: list[WindowRecord] = []
@@ -130,51 +129,42 @@ class Bench:
         self.db = BenchDatabase(admin_url, f"qna_bench_{os.getpid()}", embedded=self.embedded)
         await self.db.create()
         self.dbcount = DbAccounting(self.db)
-        tasks: list[asyncio.Task[Any]] = [
-            asyncio.create_task(
-                start_gateway(
-                    source=source,
-                    kb_dir=kb,
-                    database_url=self.db.url,
+        gateway = asyncio.create_task(
+            start_gateway(
+                source=source,
+                kb_dir=kb,
+                database_url=self.db.url,
+                upstream=self.upstream,
+                port=_free_port(),
+                pool_max=options.pool_max,
+                extra_env=options.gateway_env,
+                work_dir=self.work,
+                core=self.pin_server,
+            )
+        )
+        peers: dict[str, asyncio.Task[Proxy]] = {}
+        if "litellm" in options.configs:
+            peers["litellm"] = asyncio.create_task(
+                start_litellm(
+                    venv=litellm_venv(),
                     upstream=self.upstream,
                     port=_free_port(),
-                    pool_max=options.pool_max,
-                    extra_env=options.gateway_env,
                     work_dir=self.work,
                     core=self.pin_server,
                 )
             )
-        ]
-        if "litellm" in options.configs:
-            tasks.append(
-                asyncio.create_task(
-                    start_litellm(
-                        venv=litellm_venv(),
-                        upstream=self.upstream,
-                        port=_free_port(),
-                        work_dir=self.work,
-                        core=self.pin_server,
-                    )
-                )
-            )
         if "relay" in options.configs:
-            tasks.append(
-                asyncio.create_task(
-                    start_relay(
-                        upstream=self.upstream,
-                        port=_free_port(),
-                        work_dir=self.work,
-                        core=self.pin_server,
-                    )
+            peers["relay"] = asyncio.create_task(
+                start_relay(
+                    upstream=self.upstream,
+                    port=_free_port(),
+                    work_dir=self.work,
+                    core=self.pin_server,
                 )
             )
-        started = await asyncio.gather(*tasks)
-        self.gateway = started[0]
-        for peer in started[1:]:
-            if isinstance(peer, LiteLLM):
-                self.litellm = peer
-            elif isinstance(peer, Relay):
-                self.relay = peer
+        await asyncio.gather(gateway, *peers.values())
+        self.gateway = gateway.result()
+        self.peers = {name: task.result() for name, task in peers.items()}
 
     def _gateway_source(self) -> tuple[Path, Path]:
         """src/ and kb/ to run: the working tree, or a snapshot of a git ref (stable while
@@ -192,8 +182,7 @@ class Bench:
 
     async def stop(self) -> None:
         for name, service in (
-            ("litellm", self.litellm.service if self.litellm else None),
-            ("relay", self.relay.service if self.relay else None),
+            *((name, peer.service) for name, peer in self.peers.items()),
             ("gateway", self.gateway.service if self.gateway else None),
             ("upstream", self.upstream.service if self.upstream else None),
         ):
@@ -211,10 +200,7 @@ class Bench:
             out["upstream"] = self.upstream.service.pid
         if self.gateway:
             out["gateway"] = self.gateway.service.pid
-        if self.litellm:
-            out["litellm"] = self.litellm.service.pid
-        if self.relay:
-            out["relay"] = self.relay.service.pid
+        out.update((name, peer.service.pid) for name, peer in self.peers.items())
         return out
 
     # -- measuring ----------------------------------------------------------------------------
@@ -338,19 +324,10 @@ class Bench:
         if record.config == "upstream":
             assert self.upstream is not None
             argv += ["--target", "openai", "--url", self.upstream.base_url + "/chat/completions"]
-        elif record.config == "litellm":
-            assert self.litellm is not None
-            argv += [
-                "--target",
-                "openai",
-                "--url",
-                self.litellm.completions_url,
-                "--header",
-                f"Authorization: Bearer {LITELLM_MASTER_KEY}",
-            ]
-        elif record.config == "relay":
-            assert self.relay is not None
-            argv += ["--target", "openai", "--url", self.relay.completions_url]
+        elif (peer := self.peers.get(record.config)) is not None:
+            argv += ["--target", "openai", "--url", peer.completions_url]
+            for header in peer.headers:
+                argv += ["--header", header]
         else:
             assert self.gateway is not None
             # Open loop: level / OPEN_LOOP_SECONDS a second for OPEN_LOOP_SECONDS, as many.
@@ -561,8 +538,9 @@ class Bench:
         meta = self.meta
         meta["machine"] = environment.machine()
         meta["packages"] = environment.packages()
-        meta["litellm"] = self.litellm.version if self.litellm else None
-        meta["relay"] = self.relay.versions if self.relay else None
+        litellm, relay = self.peers.get("litellm"), self.peers.get("relay")
+        meta["litellm"] = litellm.versions["litellm"] if litellm else None
+        meta["relay"] = relay.versions if relay else None
         meta["postgres"] = await self.db.server_version()
         meta["db_statements_source"] = self.db.statements_source
         meta["gateway_source"] = environment.gateway_source(self.options.gateway_ref)

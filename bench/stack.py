@@ -410,10 +410,13 @@ def ensure_litellm(venv: Path) -> str:
 
 
 @dataclass
-class LiteLLM:
+class Proxy:
+    """A peer speaking the OpenAI protocol in front of the same upstream: LiteLLM, the relay."""
+
     service: Service
     url: str
-    version: str
+    versions: dict[str, str]  # of the packages that make it
+    headers: tuple[str, ...] = ()  # what each request must carry (`Name: value`)
 
     @property
     def completions_url(self) -> str:
@@ -422,7 +425,7 @@ class LiteLLM:
 
 async def start_litellm(
     *, venv: Path, upstream: Upstream, port: int, work_dir: Path, core: int | None
-) -> LiteLLM:
+) -> Proxy:
     version = ensure_litellm(venv)
     config = work_dir / "litellm.yaml"
     config.write_text(
@@ -455,7 +458,12 @@ async def start_litellm(
         "1",
     ]
     service = start_service("litellm", command, env=env, cwd=work_dir, log_dir=work_dir, core=core)
-    proxy = LiteLLM(service, f"http://127.0.0.1:{port}", version)
+    proxy = Proxy(
+        service,
+        f"http://127.0.0.1:{port}",
+        {"litellm": version},
+        headers=(f"Authorization: Bearer {LITELLM_MASTER_KEY}",),
+    )
     await wait_http(proxy.url + "/health/liveliness", service, within=120)
     return proxy
 
@@ -463,18 +471,7 @@ async def start_litellm(
 # -- the hand-rolled FastAPI relay -------------------------------------------------------------
 
 
-@dataclass
-class Relay:
-    service: Service
-    url: str
-    versions: dict[str, str]
-
-    @property
-    def completions_url(self) -> str:
-        return self.url + "/v1/chat/completions"
-
-
-async def start_relay(*, upstream: Upstream, port: int, work_dir: Path, core: int | None) -> Relay:
+async def start_relay(*, upstream: Upstream, port: int, work_dir: Path, core: int | None) -> Proxy:
     venv = tool_venv("fastapi-relay-venv")
     requirements = [
         f"{name}[standard]=={version}" if name == "uvicorn" else f"{name}=={version}"
@@ -500,6 +497,6 @@ async def start_relay(*, upstream: Upstream, port: int, work_dir: Path, core: in
     ]
     env = clean_env({"RELAY_UPSTREAM_URL": upstream.base_url})
     service = start_service("relay", command, env=env, cwd=work_dir, log_dir=work_dir, core=core)
-    relay = Relay(service, f"http://127.0.0.1:{port}", dict(RELAY_PINS))
+    relay = Proxy(service, f"http://127.0.0.1:{port}", dict(RELAY_PINS))
     await wait_http(relay.url + "/health", service, within=60)
     return relay
