@@ -1,6 +1,6 @@
 """`python -m bench.profile_gateway`: where the gateway spends its CPU while relaying streams.
 
-Starts the same stack as `bench.run` (without LiteLLM), runs one window of paced (default) or
+Starts the same stack as `bench.run` (without its peers), runs one window of paced (default) or
 zero-delay streams through the gateway, and samples the gateway with py-spy meanwhile
 (non-blocking, pinned to the load core). Writes bench/results/profile.svg (flame graph),
 profile.txt (collapsed stacks) and profile.md (the hottest functions and areas).
@@ -124,7 +124,9 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
     levels = ["--levels", str(args.streams), "--zero-levels", ""]
     if args.phase != "paced":
         levels = ["--levels", "", "--zero-levels", str(args.streams)]
-    options = options_from_args(["--no-litellm", "--rounds", "1", *levels, *args.passthrough])
+    options = options_from_args(
+        ["--no-litellm", "--no-relay", "--rounds", "1", *levels, *args.passthrough]
+    )
     stats_path = work / "calls.prof"
     if args.count_calls:
         options.gateway_env["PYTHONPATH"] = str(CALLCOUNT_HOOK)
