@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanKind
 from psycopg.conninfo import make_conninfo
 
 from bench.fake_upstream import FakeUpstream
+from qna_gateway.histories import KnownHistories
 from qna_gateway.settings import Secret
 from qna_gateway.telemetry import create_telemetry
 from tests.conftest import Gateway, GatewayFactory
@@ -26,6 +27,13 @@ def early_starts(gateway: Gateway, outcome: str) -> float:
         "llm_early_starts_total", {"outcome": outcome}
     )
     return value or 0.0
+
+
+def histories_of(gateway: Gateway) -> KnownHistories:
+    services = gateway.lifecycle.services
+    assert services is not None
+    assert services.manager.histories is not None
+    return services.manager.histories
 
 
 async def ask(gateway: Gateway, chat_id: str, content: str, **kwargs: Any) -> dict[str, Any]:
@@ -141,12 +149,10 @@ async def test_an_answer_ended_on_another_replica_drops_the_guess(
     chat_id = await here.create_chat()
     upstream.set_scenario(text="Answered there.")
     await ask(there, chat_id, "Asked there?")
-    manager = here.lifecycle.services.manager if here.lifecycle.services else None
-    assert manager is not None
-    assert manager.histories is not None
+    histories = histories_of(here)
     # The other replica's end notice reaches this one, which forgets what it expected.
     async with asyncio.timeout(5):
-        while uuid.UUID(chat_id) in manager.histories:
+        while uuid.UUID(chat_id) in histories:
             await asyncio.sleep(0.01)
 
     upstream.set_scenario(text="Answered here.")
@@ -187,23 +193,21 @@ async def test_a_deleted_chat_is_not_sent_again_here_or_on_another_replica(
     """What was deleted must not go to the LLM again, not even in a call to be abandoned."""
     here = await gateway_factory(openai_base_url=upstream.base_url, model="fake-model")
     there = await gateway_factory(openai_base_url=upstream.base_url, model="fake-model")
-    manager = here.lifecycle.services.manager if here.lifecycle.services else None
-    assert manager is not None
-    assert manager.histories is not None
+    histories = histories_of(here)
     upstream.set_scenario(text="Secret answer.", ttft_ms=300)
     deleted_there, deleted_here = await here.create_chat(), await here.create_chat()
     for chat_id in (deleted_there, deleted_here):
         await ask(here, chat_id, "My secret question?")
-        assert uuid.UUID(chat_id) in manager.histories
+        assert uuid.UUID(chat_id) in histories
     assert upstream.stats()["requests"] == 2
 
     assert (await there.client.delete(f"/v1/chats/{deleted_there}")).status_code == 204
     # The delete's notice reaches this replica, which forgets the chat.
     async with asyncio.timeout(5):
-        while uuid.UUID(deleted_there) in manager.histories:
+        while uuid.UUID(deleted_there) in histories:
             await asyncio.sleep(0.01)
     assert (await here.client.delete(f"/v1/chats/{deleted_here}")).status_code == 204
-    assert uuid.UUID(deleted_here) not in manager.histories
+    assert uuid.UUID(deleted_here) not in histories
 
     for chat_id in (deleted_there, deleted_here):
         response = await here.client.post(
@@ -228,11 +232,9 @@ async def test_a_listener_that_lost_its_connection_forgets_every_guess(
         openai_base_url=upstream.base_url,
         model="fake-model",
     )
-    manager = gateway.lifecycle.services.manager if gateway.lifecycle.services else None
-    assert manager is not None
-    assert manager.histories is not None
+    histories = histories_of(gateway)
     chat_ids = [uuid.UUID(await gateway.create_chat()) for _ in range(2)]
-    assert all(chat_id in manager.histories for chat_id in chat_ids)
+    assert all(chat_id in histories for chat_id in chat_ids)
     cur = await db.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE application_name = %s AND query LIKE 'LISTEN%%'",
@@ -240,7 +242,7 @@ async def test_a_listener_that_lost_its_connection_forgets_every_guess(
     )
     assert await cur.fetchall() == [(True,)]  # exactly the gateway's listener
     async with asyncio.timeout(10):  # it reconnects after a short, jittered pause
-        while len(manager.histories):
+        while len(histories):
             await asyncio.sleep(0.02)
     upstream.set_scenario(text="Answered.")
     assert (await ask(gateway, str(chat_ids[0]), "Question?"))["content"] == "Answered."
