@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanKind
 from psycopg.conninfo import make_conninfo
 
 from bench.fake_upstream import FakeUpstream
+from qna_gateway.auth import ANONYMOUS
 from qna_gateway.histories import KnownHistories
 from qna_gateway.settings import Secret
 from qna_gateway.telemetry import create_telemetry
@@ -185,6 +186,37 @@ async def test_an_ask_that_fails_abandons_its_early_call(
     assert early_starts(llm_gateway, "used") == 0
     cur = await db.execute("SELECT count(*) FROM messages WHERE chat_id = %s", (chat_id,))
     assert await cur.fetchone() == (0,)
+
+
+async def test_a_turn_stopped_before_it_takes_its_early_call_abandons_it(
+    llm_gateway: Gateway, upstream: FakeUpstream, db: psycopg.AsyncConnection
+) -> None:
+    """A stop that comes between the turn's creation and its first step (a cancel, a drain)
+    means its answerer never reads the early call: the turn abandons it itself, so the call
+    is cut, counted, and its connection closed."""
+    chat_id = await llm_gateway.create_chat()
+    services = llm_gateway.lifecycle.services
+    assert services is not None
+    upstream.set_scenario(text="Never read.", ttft_ms=300)
+    _, answer, turn = await services.manager.start_turn(
+        principal=ANONYMOUS, chat_id=uuid.UUID(chat_id), content="Stopped at once?"
+    )
+    # start_turn returned without yielding after creating the turn's task: it has not run.
+    turn.stop("cancelled", "cancelled")
+    async with asyncio.timeout(5):
+        await turn.done.wait()
+    assert turn.final is not None
+    assert (turn.final.status, turn.final.content) == ("cancelled", "")
+    cur = await db.execute("SELECT status FROM messages WHERE id = %s", (answer.id,))
+    assert await cur.fetchone() == ("cancelled",)
+    assert early_starts(llm_gateway, "abandoned") == 1
+    assert early_starts(llm_gateway, "used") == 0
+    # The call had gone out (the statement ran after it was sent) and was cut, not left open.
+    async with asyncio.timeout(5):
+        while upstream.stats()["disconnects"] < 1:
+            await asyncio.sleep(0.02)
+    stats = upstream.stats()
+    assert (stats["requests"], stats["completed"], stats["active"]) == (1, 0, 0)
 
 
 async def test_a_deleted_chat_is_not_sent_again_here_or_on_another_replica(
