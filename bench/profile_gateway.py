@@ -9,12 +9,18 @@ With `--count-calls` it counts instead of sampling: cProfile runs in the gateway
 only (switched by SIGUSR1, see bench/callcount/) and profile-calls.md says how many calls, and
 which, each relayed token cost. Counts do not drift with the machine as CPU seconds do on a
 shared VM, so they compare two refs where timings cannot.
+
+With `--stalls` it watches the event loop instead (bench/stallwatch/): how late the loop ran a
+callback due every millisecond, and the main thread's stack sampled only while the loop was
+late by more than `--stall-ms`; profile-stalls.md says what holds up the tail of the latency,
+which a profiler weighing every busy moment alike does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import pstats
 import shutil
@@ -30,8 +36,10 @@ from typing import Final
 from bench.options import RESULTS, options_from_args
 from bench.procs import pinned
 from bench.run import Bench, WindowRecord
+from bench.stats import percentile
 
 CALLCOUNT_HOOK: Final = Path(__file__).parent / "callcount"
+STALLWATCH_HOOK: Final = Path(__file__).parent / "stallwatch"
 
 # Where a frame's file lives → the area of the stack it belongs to (first match wins).
 AREAS: Final = (
@@ -79,7 +87,11 @@ def _area(frame: str) -> str | None:
     return None
 
 
-def hotspots(stacks: list[tuple[list[str], int]], top: int = 25) -> str:
+def hotspots(
+    stacks: list[tuple[list[str], int]],
+    top: int = 25,
+    samples: str = "busy samples (py-spy, idle time excluded)",
+) -> str:
     total = sum(n for _, n in stacks) or 1
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -103,7 +115,7 @@ def hotspots(stacks: list[tuple[list[str], int]], top: int = 25) -> str:
         return rows
 
     parts = [
-        f"{total} busy samples (py-spy, idle time excluded).",
+        f"{total} {samples}.",
         "",
         "### By area (the innermost frame that belongs to a known package or module)",
         "",
@@ -128,9 +140,14 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
         ["--no-litellm", "--no-relay", "--rounds", "1", *levels, *args.passthrough]
     )
     stats_path = work / "calls.prof"
+    stalls_path = work / "stalls.json"
     if args.count_calls:
         options.gateway_env["PYTHONPATH"] = str(CALLCOUNT_HOOK)
         options.gateway_env["QNA_BENCH_CPROFILE"] = str(stats_path)
+    elif args.stalls:
+        options.gateway_env["PYTHONPATH"] = str(STALLWATCH_HOOK)
+        options.gateway_env["QNA_BENCH_STALLS"] = str(stalls_path)
+        options.gateway_env["QNA_BENCH_STALL_MS"] = str(args.stall_ms)
     bench = Bench(options, work)
     try:
         await bench.start()
@@ -159,8 +176,11 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
         await bench.ensure_chats(record.level * record.streams_per_worker)
         await bench.wait_quiet()
         if args.count_calls:
-            await _count_calls(bench, record, stats_path)
+            await _toggled_window(bench, record, stats_path)
             return _calls_report(args, bench, record, stats_path)
+        if args.stalls:
+            await _toggled_window(bench, record, stalls_path)
+            return _stalls_report(args, bench, record, stalls_path)
         pid = str(bench.gateway.service.pid)
         out = args.out_dir
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -223,21 +243,23 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
     )
 
 
-async def _count_calls(bench: Bench, record: WindowRecord, stats_path: Path) -> None:
+async def _toggled_window(bench: Bench, record: WindowRecord, written: Path) -> None:
+    """Run the window between two SIGUSR1s to the gateway, whose start-up hook (callcount/,
+    stallwatch/) switches itself on at the first and writes `written` at the second."""
     assert bench.gateway is not None
     pid = bench.gateway.service.pid
-    os.kill(pid, signal.SIGUSR1)  # cProfile on
+    os.kill(pid, signal.SIGUSR1)  # on
     await asyncio.sleep(0.2)
     await bench.run_window(record)
-    os.kill(pid, signal.SIGUSR1)  # off, and the stats written
+    os.kill(pid, signal.SIGUSR1)  # off, and the file written
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while loop.time() < deadline:
-        if await asyncio.to_thread(stats_path.exists):
+        if await asyncio.to_thread(written.exists):
             await asyncio.sleep(0.5)  # written whole
             return
         await asyncio.sleep(0.1)
-    raise RuntimeError(f"the gateway wrote no call counts to {stats_path}")
+    raise RuntimeError(f"the gateway wrote nothing to {written}")
 
 
 def _calls_report(
@@ -278,6 +300,77 @@ def _calls_report(
     return "\n".join(lines)
 
 
+def _stalls_report(
+    args: argparse.Namespace, bench: Bench, record: WindowRecord, stalls_path: Path
+) -> str:
+    data = json.loads(stalls_path.read_text())
+    lateness = sorted(data["lateness"])
+    stalls = data["stalls"]
+    seen = sorted(s.get("seen", 0.0) for s in stalls)
+    stacks: Counter[str] = Counter(sample for s in stalls for sample in s["samples"])
+    collapsed = [(stack.split(";"), n) for stack, n in stacks.items()]
+    stem = _stem(args.phase)
+    (args.out_dir / f"{stem}-stalls.txt").write_text(
+        "".join(f"{stack} {n}\n" for stack, n in stacks.most_common())
+    )
+    window = record.loadgen
+
+    def ms(values: list[float], q: float) -> str:
+        value = percentile(values, q)
+        return "-" if value is None else f"{value * 1000:.1f}"
+
+    threshold = data["threshold"] * 1000
+    collections = data.get("collections", [])
+    generations = sorted({gen for _, _, gen in collections})
+    by_generation = {g: sorted(d for _, d, gen in collections if gen == g) for g in generations}
+    # The collector's time inside stalls: its runs that began between a stall's last tick
+    # and its last sample.
+    stalled = sum(s.get("seen", 0.0) for s in stalls)
+    collecting = sum(
+        seconds
+        for start, seconds, _ in collections
+        for s in stalls
+        if s["start"] <= start <= s["start"] + s.get("seen", 0.0)
+    )
+
+    def runs(g: int, d: list[float]) -> str:
+        return f"gen {g}: {len(d)}, total {sum(d) * 1000:.1f} ms, longest {d[-1] * 1000:.1f} ms"
+
+    return "\n".join(
+        [
+            f"# Gateway event-loop stalls: {args.streams} {args.phase} streams",
+            "",
+            f"Reproduce: `python -m bench.profile_gateway --stalls --phase {args.phase}"
+            f" --streams {args.streams}`. Gateway: {bench.meta.get('gateway_source')}.",
+            "",
+            f"A callback re-armed every {data['tick'] * 1000:.0f} ms stamps when the loop ran"
+            " it; its lateness is how long anything ready (a token to relay, a request) waited"
+            f" for the loop. While the stamp was older than {threshold:.0f} ms a thread"
+            " sampled the main thread's stack (`bench/stallwatch/`; ~1 ms apart, so a stall"
+            " shows about one sample per millisecond it lasted).",
+            "",
+            f"- window: {record.wall:.1f} s, {window.get('chunks')} tokens relayed, "
+            f"{window.get('errors')} errors",
+            f"- tick lateness over {len(lateness)} ticks: p50 {ms(lateness, 50)} ms, p90 "
+            f"{ms(lateness, 90)}, p99 {ms(lateness, 99)}, p99.9 {ms(lateness, 99.9)}, max "
+            f"{ms(lateness, 100)} ms",
+            f"- stalls over {threshold:.0f} ms: {len(stalls)}; sampled length p50 "
+            f"{ms(seen, 50)} ms, max {ms(seen, 100)} ms (a lower bound: from the last tick to"
+            " the last sample)",
+            f"- the garbage collector ran {collecting * 1000:.1f} ms of the {stalled * 1000:.1f} ms"
+            " sampled as stalled",
+            "- collector runs in the window, by generation: "
+            + ("; ".join(runs(g, d) for g, d in by_generation.items()) or "none"),
+            f"- collapsed stacks of the samples: {stem}-stalls.txt",
+            "",
+            hotspots(collapsed, samples="samples taken while the loop was stalled")
+            if collapsed
+            else "No stall: nothing to sample.",
+            "",
+        ]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_gateway", description=__doc__)
     parser.add_argument(
@@ -293,6 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="count calls per token with cProfile instead of sampling (profile-calls.md)",
     )
+    parser.add_argument(
+        "--stalls",
+        action="store_true",
+        help="watch the event loop instead: how late it ran ready callbacks, and stacks sampled"
+        " while it was stalled (profile-stalls.md)",
+    )
+    parser.add_argument("--stall-ms", type=float, default=5.0, help="what --stalls calls a stall")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
         "passthrough", nargs="*", help="further bench.run options (after --), e.g. --gateway-ref"
@@ -301,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="qna-profile-"))
     text = asyncio.run(_profile(args, work))
-    suffix = "-calls" if args.count_calls else ""
+    suffix = "-calls" if args.count_calls else "-stalls" if args.stalls else ""
     (args.out_dir / f"{_stem(args.phase)}{suffix}.md").write_text(text)
     print(text)
     subprocess.run(["rm", "-rf", str(work)], check=False)
