@@ -186,10 +186,16 @@ def verdicts(cells: dict[tuple[str, str, int], Cell], meta: dict[str, Any]) -> l
     if low:
         worst50 = max((c.added_ttft_p50 or 0.0) for c in low)
         worst99 = max((c.added_ttft_p99 or 0.0) for c in low)
+        # The verdict takes percentile minus percentile, as the target is worded; a stream's
+        # own difference (paired) is said beside it, since with a few hundred streams spread
+        # over ±100 ms the former moves by milliseconds from run to run.
+        paired50 = max((c.paired_ttft_p50 or 0.0) for c in low)
+        paired99 = max((c.paired_ttft_p99 or 0.0) for c in low)
         verdict(
             worst50 <= 0.002 and worst99 <= 0.010,
             f"added TTFT p50 ≤ 2 ms and p99 ≤ 10 ms up to 200 paced streams: worst "
-            f"{worst50 * 1000:.1f} / {worst99 * 1000:.1f} ms",
+            f"{worst50 * 1000:.1f} / {worst99 * 1000:.1f} ms (per stream, paired: worst "
+            f"{paired50 * 1000:.1f} / {paired99 * 1000:.1f} ms)",
         )
     best = highest_within_limits(cells, "gateway")
     verdict(best >= 500, f"≥ 500 paced streams on one core within the limits: {best}")
