@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 ABORT_WRITE_SECONDS = 3.0
 
+# Middle-generation collections before a full one may run (CPython's default is 10); see
+# settle_heap.
+FULL_COLLECTION_AFTER = 100
+
 
 @dataclass(slots=True)
 class Services:
@@ -122,9 +126,19 @@ def settle_heap() -> None:
     tenth of the gateway's CPU while relaying tokens (perf, 100 paced streams). Frozen
     objects are never collected, so this runs once, when the services are up, and freezes
     only what lives as long as the process. (A larger young generation measured no better.)
+
+    Then the full collections: by default one may run after every 10 middle-generation ones,
+    and streams make that often, since each open stream's tasks and coroutines live long
+    enough to reach the oldest generation. Each then walks every open stream's objects (some
+    230 a stream) with the loop stopped: 20-110 ms at 500 paced streams, every few seconds,
+    which was the tail of the added TTFT and gaps (bench/results/before-after/gc-*.md). After
+    100 middle-generation collections instead, the cyclic garbage that only a full collection
+    frees (a few hundred objects a second under load) waits minutes, not seconds.
     """
     gc.collect()
     gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
 
 
 class Lifecycle:
