@@ -304,9 +304,9 @@ def _stalls_report(
     args: argparse.Namespace, bench: Bench, record: WindowRecord, stalls_path: Path
 ) -> str:
     data = json.loads(stalls_path.read_text())
-    lateness = sorted(data["lateness"])
+    lateness = data["lateness"]
     stalls = data["stalls"]
-    seen = sorted(s.get("seen", 0.0) for s in stalls)
+    seen = [s["seen"] for s in stalls]  # set with each stall's first sample
     stacks: Counter[str] = Counter(sample for s in stalls for sample in s["samples"])
     collapsed = [(stack.split(";"), n) for stack, n in stacks.items()]
     stem = _stem(args.phase)
@@ -325,12 +325,11 @@ def _stalls_report(
     by_generation = {g: sorted(d for _, d, gen in collections if gen == g) for g in generations}
     # The collector's time inside stalls: its runs that began between a stall's last tick
     # and its last sample.
-    stalled = sum(s.get("seen", 0.0) for s in stalls)
     collecting = sum(
         seconds
         for start, seconds, _ in collections
         for s in stalls
-        if s["start"] <= start <= s["start"] + s.get("seen", 0.0)
+        if s["start"] <= start <= s["start"] + s["seen"]
     )
 
     def runs(g: int, d: list[float]) -> str:
@@ -357,8 +356,8 @@ def _stalls_report(
             f"- stalls over {threshold:.0f} ms: {len(stalls)}; sampled length p50 "
             f"{ms(seen, 50)} ms, max {ms(seen, 100)} ms (a lower bound: from the last tick to"
             " the last sample)",
-            f"- the garbage collector ran {collecting * 1000:.1f} ms of the {stalled * 1000:.1f} ms"
-            " sampled as stalled",
+            f"- the garbage collector ran {collecting * 1000:.1f} ms of the"
+            f" {sum(seen) * 1000:.1f} ms sampled as stalled",
             "- collector runs in the window, by generation: "
             + ("; ".join(runs(g, d) for g, d in by_generation.items()) or "none"),
             f"- collapsed stacks of the samples: {stem}-stalls.txt",
