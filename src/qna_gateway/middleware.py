@@ -91,6 +91,11 @@ class ObservabilityMiddleware:
         try:
             await self.app(scope, receive, send_with_request_id)
         finally:
+            # The scope is the server's (uvicorn's request cycle holds it) and `send` is a bound
+            # method of that cycle: left in, the pair is a reference cycle, so every request's
+            # cycle, transport and headers would wait for the garbage collector, whose full
+            # passes stall the event loop (bench/results/profile-stalls.md).
+            scope.pop(RAW_SEND, None)
             duration = time.perf_counter() - started
             endpoint = route_template(scope)
             span.update_name(f"{method} {endpoint}")
