@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import random
@@ -50,6 +51,10 @@ ASGIReceive = Callable[[], Awaitable[ASGIMessage]]
 ASGISend = Callable[[ASGIMessage], Awaitable[None]]
 
 DEFAULT_MODEL: Final = "fake-model"
+# The CLI collects garbage only while no request is in flight (see _Server.collect_when_idle),
+# or, under load that never pauses, once this many tracked objects are pending: a bound on
+# memory that a benchmark window (minutes, a few dozen objects a stream) never reaches.
+BUSY_COLLECTION_AFTER: Final = 1_000_000
 
 Fault = Literal["none", "http_429", "http_500", "cut", "malformed", "stall"]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -437,6 +442,113 @@ class _Resume:
                     return
 
 
+class _Pacer:
+    """One stream's paced sends, run from timer callbacks (FakeUpstreamApp._pace)."""
+
+    __slots__ = (
+        "finished",
+        "gone",
+        "index",
+        "items",
+        "jitter",
+        "loop",
+        "next_at",
+        "period",
+        "post",
+        "pre",
+        "rng",
+        "send",
+        "sender",
+        "stats",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        send: ASGISend,
+        gone: asyncio.Event,
+        stats: _Stats,
+        pre: bytes,
+        items: Sequence[bytes],
+        post: bytes,
+        period: float,
+        jitter: float,
+        rng: random.Random,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[bool] = self.loop.create_future()
+        self.send = send
+        self.gone = gone
+        self.stats = stats
+        self.pre = pre
+        self.items = items
+        self.post = post
+        self.period = period
+        self.jitter = jitter
+        self.rng = rng
+        self.index = 0
+        self.next_at = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.sender: asyncio.Task[None] | None = None
+
+    async def run(self) -> bool:
+        self.tick()
+        try:
+            return await self.finished
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.sender is not None:
+                self.sender.cancel()
+            # The timer and the sender's done callback hold bound methods of this pacer: left
+            # set, they make a reference cycle that would keep the whole stream (its send,
+            # request and transport) for the garbage collector, whose passes stall this
+            # server for tens of ms at 500 streams. Cleared, it all goes when the stream ends.
+            self.timer = self.sender = None
+
+    def tick(self) -> None:
+        if self.finished.done():
+            return
+        if self.gone.is_set():
+            self.finished.set_result(False)
+            return
+        body = self.pre + self.items[self.index] + self.post
+        self.index += 1
+        pending = self.send({"type": "http.response.body", "body": body, "more_body": True})
+        self.stats.chunks += 1
+        try:
+            waiting = pending.send(None)  # type: ignore[attr-defined]
+        except StopIteration:
+            self.plan_next()
+            return
+        except BaseException as exc:
+            self.finished.set_exception(exc)
+            return
+        # The transport's buffer is full: a task finishes this send, then the schedule goes
+        # on (from the time it says, so a slow client gets the late chunks at once).
+        self.sender = self.loop.create_task(_carry_on(pending, waiting))
+        self.sender.add_done_callback(self.sent)
+
+    def sent(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self.finished.done():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.finished.set_exception(exc)
+        else:
+            self.plan_next()
+
+    def plan_next(self) -> None:
+        if self.index == len(self.items):
+            self.finished.set_result(True)
+            return
+        jitter = self.jitter
+        self.next_at += (
+            max(0.0, self.period + self.rng.uniform(-jitter, jitter)) if jitter else self.period
+        )
+        self.timer = self.loop.call_at(self.next_at, self.tick)
+
+
 class FakeUpstreamApp:
     """The raw ASGI application; `FakeUpstream` and the CLI serve it with uvicorn."""
 
@@ -768,64 +880,8 @@ class FakeUpstreamApp:
         waits for the client: no task wakes per chunk, a third less CPU per chunk, which the
         benchmark's second core (this server and the load generator) is short of at 500
         streams. False if the client left first."""
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[bool] = loop.create_future()
-        stats = self.stats
-        count = len(items)
-        index = 0
-        next_at = loop.time()
-        timer: asyncio.TimerHandle | None = None
-        sender: asyncio.Task[None] | None = None
-
-        def tick() -> None:
-            nonlocal index, sender
-            if finished.done():
-                return
-            if gone.is_set():
-                finished.set_result(False)
-                return
-            body = pre + items[index] + post
-            index += 1
-            pending = send({"type": "http.response.body", "body": body, "more_body": True})
-            stats.chunks += 1
-            try:
-                waiting = pending.send(None)  # type: ignore[attr-defined]
-            except StopIteration:
-                plan_next()
-                return
-            except BaseException as exc:
-                finished.set_exception(exc)
-                return
-            # The transport's buffer is full: a task finishes this send, then the schedule
-            # goes on (from the time it says, so a slow client gets the late chunks at once).
-            sender = loop.create_task(_carry_on(pending, waiting))
-            sender.add_done_callback(sent)
-
-        def sent(task: asyncio.Task[None]) -> None:
-            if task.cancelled() or finished.done():
-                return
-            exc = task.exception()
-            if exc is not None:
-                finished.set_exception(exc)
-            else:
-                plan_next()
-
-        def plan_next() -> None:
-            nonlocal next_at, timer
-            if index == count:
-                finished.set_result(True)
-                return
-            next_at += max(0.0, period + rng.uniform(-jitter, jitter)) if jitter else period
-            timer = loop.call_at(next_at, tick)
-
-        tick()
-        try:
-            return await finished
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if sender is not None:
-                sender.cancel()
+        pacer = _Pacer(send, gone, self.stats, pre, items, post, period, jitter, rng)
+        return await pacer.run()
 
     async def _complete(self, send: ASGISend, gone: asyncio.Event, plan: _Plan) -> None:
         s = plan.scenario
@@ -950,10 +1006,17 @@ class _Server(uvicorn.Server):
         config: uvicorn.Config,
         app: FakeUpstreamApp,
         on_ready: Callable[[], None] | None = None,
+        *,
+        collect_when_idle: bool = False,
     ) -> None:
         super().__init__(config)
         self.app = app
         self.on_ready = on_ready
+        # For the CLI, which is the benchmark's instrument: a collection stops every stream it
+        # serves at once (tens of ms at 500 streams), and the figures would charge that to
+        # whatever sits between it and the load generator. Not for the thread in a test
+        # process: the collector is the process's, not this server's.
+        self.collect_when_idle = collect_when_idle
         self.ready = threading.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -963,6 +1026,10 @@ class _Server(uvicorn.Server):
         self._wake = asyncio.Event()
         self.app.stopping = False  # the app may be served again after a stop
         await super().startup(sockets=sockets)
+        if self.collect_when_idle:
+            gc.collect()
+            gc.freeze()  # what start-up built stays: later collections need not walk it
+            gc.disable()
         if self.on_ready is not None:
             self.on_ready()
         self.ready.set()
@@ -972,6 +1039,10 @@ class _Server(uvicorn.Server):
         # on_tick(0) also refreshes the Date header, so once a second is enough.
         assert self._wake is not None
         while not await self.on_tick(0):
+            if self.collect_when_idle:
+                pending = gc.get_count()[0]  # tracked objects made, less those freed
+                if pending > BUSY_COLLECTION_AFTER or (pending and not self.app.stats.active):
+                    gc.collect()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._wake.wait()
@@ -1246,7 +1317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A parent process waits for exactly this line (and reads the port from it).
         print(f"fake upstream listening on {url}/v1", flush=True)
 
-    server = _Server(_config(app, quiet=False), app, on_ready=announce)
+    server = _Server(_config(app, quiet=False), app, on_ready=announce, collect_when_idle=True)
     try:
         server.run(sockets=[sock])
     finally:
