@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -324,6 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.control:
         print("READY", flush=True)
         sys.stdin.readline()
+    # No collection during the run: one would hold up the timestamps of every open stream at
+    # once. A run makes next to no cyclic garbage, and the process ends with it.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         window = runner.run(generator.run())
     if args.out is not None:
