@@ -132,8 +132,10 @@ def settle_heap() -> None:
     enough to reach the oldest generation. Each then walks every open stream's objects (some
     230 a stream) with the loop stopped: 20-110 ms at 500 paced streams, every few seconds,
     which was the tail of the added TTFT and gaps (bench/results/before-after/gc-*.md). After
-    100 middle-generation collections instead, the cyclic garbage that only a full collection
-    frees (a few hundred objects a second under load) waits minutes, not seconds.
+    100 middle-generation collections instead, they come minutes apart. A finished request
+    leaves no cyclic garbage (tests/integration/test_reference_cycles.py), so the wait keeps
+    little memory: what is left for the collector comes from rarer paths (errors with
+    tracebacks, shutdown).
     """
     gc.collect()
     gc.freeze()
