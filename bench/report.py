@@ -299,8 +299,8 @@ def upstream_check(cells: dict[tuple[str, str, int], Cell]) -> str:
 def db_table(cells: dict[tuple[str, str, int], Cell], meta: dict[str, Any]) -> str:
     rows = [
         "| paced streams | answers | commits / answer | statements / answer"
-        " | turn-writer statements / answer, by kind |",
-        "|---:|---:|---:|---:|---|",
+        " | turn-writer statements / answer, by kind | early LLM calls used |",
+        "|---:|---:|---:|---:|---|---:|",
     ]
     for key in sorted(cells):
         cell = cells[key]
@@ -309,7 +309,8 @@ def db_table(cells: dict[tuple[str, str, int], Cell], meta: dict[str, Any]) -> s
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in cell.statements_by_kind.items())
         rows.append(
             f"| {cell.level} | {cell.answers} | {_num(cell.commits_per_answer, '{:.1f}')}"
-            f" | {_num(cell.statements_per_answer, '{:.1f}')} | {kinds} |"
+            f" | {_num(cell.statements_per_answer, '{:.1f}')} | {kinds}"
+            f" | {cell.early_calls_used} of {cell.answers} |"
         )
     return "\n".join(rows)
 
@@ -402,7 +403,10 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
         "statements). Turn-writer counts come from the gateway's `db_statements_total`: one "
         "`append` per writer round, which stores every running answer's new text at once, so "
         "per answer it falls as streams rise. The pool tests a connection at checkout only "
-        "when its socket shows the server closed it.",
+        "when its socket shows the server closed it. Early LLM calls used: answers whose LLM "
+        "request went out before the ask's statement, from the history this process expected "
+        '(`llm_early_starts_total{outcome="used"}`; see *Early LLM call* in the README); '
+        "the others waited for the statement.",
         "",
         "## Where the gateway's CPU goes",
         "",

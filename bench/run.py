@@ -420,7 +420,14 @@ class Bench:
             record.metrics = {
                 k: metrics1[k] - metrics0.get(k, 0.0)
                 for k in metrics1
-                if k.startswith(("db_statements_total", "llm_tokens_relayed_total", "turns_total"))
+                if k.startswith(
+                    (
+                        "db_statements_total",
+                        "llm_early_starts_total",
+                        "llm_tokens_relayed_total",
+                        "turns_total",
+                    )
+                )
             }
         if dbcount is not None:
             dbcount.activity()
