@@ -62,7 +62,9 @@ class Cell:
     commits_per_answer: float | None = None
     statements_per_answer: float | None = None
     statements_by_kind: dict[str, float] = field(default_factory=dict)
-    early_calls_used: int = 0  # answers whose LLM call went out before the ask's statement
+    # Answers whose LLM call went out before the ask's statement (None: not recorded, as in
+    # runs from before the bench kept the counter).
+    early_calls_used: int | None = None
     within_limits: bool = False
 
 
@@ -162,7 +164,7 @@ def build_cells(run: Run) -> dict[tuple[str, str, int], Cell]:
                     kind = series.split('kind="', 1)[-1].split('"', 1)[0]
                     cell.statements_by_kind[kind] = cell.statements_by_kind.get(kind, 0) + value
                 elif series == 'llm_early_starts_total{outcome="used"}':
-                    cell.early_calls_used += int(value)
+                    cell.early_calls_used = (cell.early_calls_used or 0) + int(value)
 
     for key, cell in cells.items():
         cell.ttft_p50 = percentile(ttfts[key], 50)

@@ -310,9 +310,13 @@ def db_table(cells: dict[tuple[str, str, int], Cell], meta: dict[str, Any]) -> s
         rows.append(
             f"| {cell.level} | {cell.answers} | {_num(cell.commits_per_answer, '{:.1f}')}"
             f" | {_num(cell.statements_per_answer, '{:.1f}')} | {kinds}"
-            f" | {cell.early_calls_used} of {cell.answers} |"
+            f" | {_early_text(cell)} |"
         )
     return "\n".join(rows)
+
+
+def _early_text(cell: Cell) -> str:
+    return NONE if cell.early_calls_used is None else f"{cell.early_calls_used} of {cell.answers}"
 
 
 def machine_table(meta: dict[str, Any]) -> str:
