@@ -443,7 +443,11 @@ class _Resume:
 
 
 class _Pacer:
-    """One stream's paced sends, run from timer callbacks (FakeUpstreamApp._pace)."""
+    """One stream's `items` sent on the paced schedule (the same draws from `rng` as the loop
+    in `FakeUpstreamApp._stream`) from timer callbacks, each running the server's send to its
+    end unless it waits for the client: no task wakes per chunk, a third less CPU per chunk,
+    which the benchmark's second core (this server and the load generator) is short of at 500
+    streams. `run` says False if the client left first."""
 
     __slots__ = (
         "finished",
@@ -819,7 +823,8 @@ class FakeUpstreamApp:
         jitter = s.gap_jitter_ms / 1000
         first = 0
         if fault_at < 0 and period:
-            if not await self._pace(send, gone, pre, items, post, period, jitter, rng):
+            pacer = _Pacer(send, gone, stats, pre, items, post, period, jitter, rng)
+            if not await pacer.run():
                 stats.disconnects += 1
                 return
             first = count  # all sent: on to the finish chunk
@@ -863,25 +868,6 @@ class FakeUpstreamApp:
         await send({"type": "http.response.body", "body": final, "more_body": False})
         stats.chunks += 1
         stats.completed += 1
-
-    async def _pace(
-        self,
-        send: ASGISend,
-        gone: asyncio.Event,
-        pre: bytes,
-        items: Sequence[bytes],
-        post: bytes,
-        period: float,
-        jitter: float,
-        rng: random.Random,
-    ) -> bool:
-        """Send `items` on the paced schedule (the same draws from `rng` as the loop in
-        `_stream`) from timer callbacks, each running the server's send to its end unless it
-        waits for the client: no task wakes per chunk, a third less CPU per chunk, which the
-        benchmark's second core (this server and the load generator) is short of at 500
-        streams. False if the client left first."""
-        pacer = _Pacer(send, gone, self.stats, pre, items, post, period, jitter, rng)
-        return await pacer.run()
 
     async def _complete(self, send: ASGISend, gone: asyncio.Event, plan: _Plan) -> None:
         s = plan.scenario
