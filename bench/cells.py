@@ -113,6 +113,8 @@ def build_cells(run: Run) -> dict[tuple[str, str, int], Cell]:
     db_commits: dict[tuple[str, str, int], float] = defaultdict(float)
     db_statements: dict[tuple[str, str, int], float] = defaultdict(float)
     has_statements: set[tuple[str, str, int]] = set()
+    # Runs before the warm-up grew to 50 streams did not record it.
+    warmed = int(run.meta.get("warm_up_streams", 5))
     for window in run.windows:
         key = (str(window["phase"]), str(window["config"]), int(window["level"]))
         cell = cells.setdefault(key, Cell(*key))
@@ -147,7 +149,8 @@ def build_cells(run: Run) -> dict[tuple[str, str, int], Cell]:
         cell.foreign_load = max(cell.foreign_load, float(window.get("foreign_load", 0.0)))
         peak = int(window["rss_peak"].get(target, 0))
         base = int(window["rss_before"].get(target, 0))
-        if peak and base:
+        # Up to the warm-up's streams the process has held as many before: no growth to see.
+        if peak and base and int(window["level"]) > warmed:
             per_stream = max(0.0, (peak - base) / max(1, int(window["level"])))
             cell.rss_per_stream = max(cell.rss_per_stream or 0.0, per_stream)
         if window.get("db"):

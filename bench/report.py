@@ -420,7 +420,7 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
         "",
         "## How it was measured",
         "",
-        _method(options),
+        _method(options, int(meta.get("warm_up_streams", 5))),
         "",
         *(f"![{name}]({name})" for name in plots),
         "",
@@ -461,7 +461,7 @@ def _idle_text(idle: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.1%}" for k, v in shares.items()) or "?"
 
 
-def _method(options: dict[str, Any]) -> str:
+def _method(options: dict[str, Any], warm_up_streams: int) -> str:
     rounds = options.get("rounds", "?")
     return (
         f"- {rounds} round(s); in each, every system runs once per level, in an order that "
@@ -491,7 +491,9 @@ def _method(options: dict[str, Any]) -> str:
         "received. RSS per stream: peak RSS during the window minus RSS just before it, ÷ "
         "streams (the worst round). Paced windows run before the zero-delay ones, but a "
         "process reuses memory freed by earlier windows, so this is a lower bound for "
-        "the later rounds.\n"
+        "the later rounds; and every process held the warm-up's "
+        f"{warm_up_streams} zero-delay streams first, so levels up to that "
+        "have no RSS figure.\n"
         f"- Within limits: added TTFT p99 < {LIMIT_TTFT_P99 * 1000:.0f} ms, added gap p99 < "
         f"{LIMIT_GAP_P99 * 1000:.0f} ms, no error or mismatched stream, at that level and all "
         "below."
