@@ -253,8 +253,10 @@ def _ahead_of(
             "cpu_per_1k",
             "rss_per_stream",
         ):
-            if name == "rss_per_stream" and level < 50:
-                continue  # a few streams' worth of memory is heap noise
+            if name == "rss_per_stream" and (level < 50 or ours.errors or theirs.errors):
+                # A few streams' worth of memory is heap noise; and a system that lost streams
+                # did not hold them open, so its growth ÷ streams is not memory per open stream.
+                continue
             a, b = getattr(ours, name), getattr(theirs, name)
             if a is None or b is None:
                 continue
