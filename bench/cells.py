@@ -96,6 +96,12 @@ def _sub(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def warm_up_streams(meta: dict[str, Any]) -> int:
+    """How many streams each process held before the measured windows. Runs from before the
+    warm-up grew to 50 streams did not record it: theirs was 5."""
+    return int(meta.get("warm_up_streams", 5))
+
+
 def build_cells(run: Run) -> dict[tuple[str, str, int], Cell]:
     by_window: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for stream in run.streams:
@@ -113,8 +119,7 @@ def build_cells(run: Run) -> dict[tuple[str, str, int], Cell]:
     db_commits: dict[tuple[str, str, int], float] = defaultdict(float)
     db_statements: dict[tuple[str, str, int], float] = defaultdict(float)
     has_statements: set[tuple[str, str, int]] = set()
-    # Runs before the warm-up grew to 50 streams did not record it.
-    warmed = int(run.meta.get("warm_up_streams", 5))
+    warmed = warm_up_streams(run.meta)
     for window in run.windows:
         key = (str(window["phase"]), str(window["config"]), int(window["level"]))
         cell = cells.setdefault(key, Cell(*key))

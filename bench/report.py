@@ -32,6 +32,7 @@ from bench.cells import (
     top_cell,
     upstream_ok,
     value_of,
+    warm_up_streams,
 )
 from bench.plots import plot
 
@@ -422,7 +423,7 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
         "",
         "## How it was measured",
         "",
-        _method(options, int(meta.get("warm_up_streams", 5))),
+        _method(options, warm_up_streams(meta)),
         "",
         *(f"![{name}]({name})" for name in plots),
         "",

@@ -10,7 +10,9 @@ the test finds it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -30,14 +32,22 @@ def request_cycles(port: int) -> int:
     )
 
 
+@contextlib.contextmanager
+def collector_off() -> Iterator[None]:
+    gc.collect()  # what earlier tests left
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def test_answered_and_refused_requests_leave_no_reference_cycle(
     llm_gateway: Gateway,
 ) -> None:
     port = urlsplit(llm_gateway.base_url).port
     assert port is not None
-    gc.collect()  # what earlier tests left
-    gc.disable()
-    try:
+    with collector_off():
         async with httpx.AsyncClient(base_url=llm_gateway.base_url, timeout=30) as client:
             created = await client.post("/v1/chats", json={})
             assert created.status_code == 201, created.text
@@ -57,16 +67,12 @@ async def test_answered_and_refused_requests_leave_no_reference_cycle(
             # looks at real objects, not at a server that never made any.
             assert request_cycles(port) >= 1
         await all_freed(port)
-    finally:
-        gc.enable()
 
 
 async def test_paced_fake_upstream_streams_leave_no_reference_cycle() -> None:
     # The benchmark's instrument: a collection there would show up as gateway latency.
     async with FakeUpstream(tokens=5, tokens_per_second=500, ttft_ms=0) as upstream:
-        gc.collect()
-        gc.disable()
-        try:
+        with collector_off():
             async with httpx.AsyncClient(timeout=30) as client:
                 response = await client.post(
                     upstream.base_url + "/chat/completions",
@@ -80,8 +86,6 @@ async def test_paced_fake_upstream_streams_leave_no_reference_cycle() -> None:
                 assert response.text.endswith("data: [DONE]\n\n")
                 assert request_cycles(upstream.port) >= 1
             await all_freed(upstream.port)
-        finally:
-            gc.enable()
 
 
 async def all_freed(port: int) -> None:
