@@ -145,9 +145,7 @@ class OpenAIAnswerer:
             # outcome is reported, and an early call may yet be abandoned.
             return None
         body = self._request_body(_messages_of(conversation), offer_tool=self._max_rounds > 0)
-        request = self._client.post(
-            "/chat/completions", cast_to=httpx2.Response, content=_encode_json(body), stream=True
-        )
+        request = self._client.stream("/chat/completions", _encode_json(body))
         return _EarlyCall(conversation, request, on_abandon=self._abandoned)
 
     def _abandoned(self, started_ns: int) -> None:
@@ -340,13 +338,11 @@ class OpenAIAnswerer:
                 if early is not None:
                     response = await early.response()
                 else:
-                    response = await self._client.post(
+                    response = await self._client.stream(
                         "/chat/completions",
-                        cast_to=httpx2.Response,
                         # Encoded here: the SDK's json.dumps of a long history costs several
                         # times msgspec's. Content-Type stays the SDK's default, JSON.
-                        content=_encode_json(self._request_body(messages, offer_tool)),
-                        stream=True,
+                        _encode_json(self._request_body(messages, offer_tool)),
                     )
             watchdog = _Watchdog(
                 first_token=settings.llm_first_token_timeout_seconds,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -96,6 +98,108 @@ def test_requests_with_options_of_their_own_are_built_by_the_sdk(
         request = client._build_request(options(body, **extra))
         same_request(request, sdk_request(client, options(body, **extra), 0))
     assert client._build_request(options(body, headers={"X-Extra": "1"})).headers["x-extra"] == "1"
+
+
+PATH = "/chat/completions"
+BODY = b'{"model":"fake-model","messages":[{"role":"user","content":"Hi"}],"stream":true}'
+
+
+def sdk_sends(caplog: pytest.LogCaptureFixture) -> int:
+    """Requests the SDK itself sent since the last `caplog.clear()` (its debug log)."""
+    return sum(r.getMessage().startswith("Sending HTTP Request") for r in caplog.records)
+
+
+async def drained(response: httpx2.Response) -> bytes:
+    try:
+        return await response.aread()
+    finally:
+        await response.aclose()
+
+
+async def test_a_streamed_request_past_the_sdk_is_the_one_the_sdk_sends(
+    client: TemplatedAsyncOpenAI, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="openai._base_client")
+    await drained(await client.stream(PATH, BODY))  # the SDK sends it, and keeps the template
+    assert sdk_sends(caplog) == 1
+    sdk_headers = upstream.stats()["last_headers"]
+    caplog.clear()
+    longer = BODY.replace(b'"Hi"', b'"Hi, and a longer question"')
+    body = await drained(await client.stream(PATH, longer))
+    assert sdk_sends(caplog) == 0  # straight to the transport
+    assert b"data: [DONE]" in body
+    assert upstream.last_request()["messages"][0]["content"] == "Hi, and a longer question"
+    headers = upstream.stats()["last_headers"]
+    assert headers.pop("content-length") == str(len(longer))
+    assert sdk_headers.pop("content-length") == str(len(BODY))
+    assert headers == sdk_headers
+
+
+async def test_a_first_attempt_past_the_sdk_is_retried_as_the_sdk_retries(
+    settings: Settings, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client(replace(settings, llm_max_retries=2))
+    try:
+        caplog.set_level(logging.DEBUG, logger="openai._base_client")
+        await drained(await client.stream(PATH, BODY))
+        before = upstream.stats()["requests"]
+        caplog.clear()
+        upstream.set_scenario(fault="http_429", fault_times=1)
+        assert b"data: [DONE]" in await drained(await client.stream(PATH, BODY))
+        assert upstream.stats()["faults"]["http_429"] == 1
+        assert upstream.stats()["requests"] == before + 2
+        assert sdk_sends(caplog) == 1  # the retry, after the SDK's back-off
+        # Failing every time: as many attempts in all as the SDK makes (1 + max_retries),
+        # and its error at the end.
+        upstream.set_scenario(fault="http_500")
+        before = upstream.stats()["requests"]
+        with pytest.raises(openai.InternalServerError, match="server had an error"):
+            await client.stream(PATH, BODY)
+        assert upstream.stats()["requests"] == before + 3
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("status", [400, 500])
+async def test_an_error_status_past_the_sdk_raises_the_sdk_s_error(
+    settings: Settings, upstream: FakeUpstream, status: int
+) -> None:
+    client = make_client(replace(settings, llm_max_retries=0))
+    try:
+        await drained(await client.stream(PATH, BODY))
+        if status == 400:
+            body = b"not json"
+        else:
+            body = BODY
+            upstream.set_scenario(fault="http_500")
+        with pytest.raises(openai.APIStatusError) as ours:
+            await client.stream(PATH, body)
+        with pytest.raises(openai.APIStatusError) as sdk:
+            await client.post(PATH, cast_to=httpx2.Response, content=body, stream=True)
+        assert type(ours.value) is type(sdk.value)
+        assert ours.value.status_code == status
+        assert (ours.value.message, ours.value.body) == (sdk.value.message, sdk.value.body)
+    finally:
+        await client.close()
+
+
+async def test_a_connection_refused_past_the_sdk_is_the_sdk_s_connection_error(
+    settings: Settings,
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    closed = replace(settings, openai_base_url=f"http://127.0.0.1:{port}/v1", llm_max_retries=0)
+    client = make_client(closed)
+    try:
+        with pytest.raises(openai.APIConnectionError) as sdk:
+            await client.stream(PATH, BODY)  # the SDK's attempt, which leaves the template
+        with pytest.raises(openai.APIConnectionError) as ours:
+            await client.stream(PATH, BODY)
+        assert type(ours.value) is type(sdk.value)
+        assert type(ours.value.__cause__) is httpx2.ConnectError
+    finally:
+        await client.close()
 
 
 async def test_consecutive_answers_send_each_its_own_conversation(
