@@ -173,11 +173,10 @@ def make_client(settings: Settings) -> TemplatedAsyncOpenAI:
     """The LLM's client: retries connection errors, 408/409/429 and 5xx before a stream
     starts (with backoff, honouring Retry-After)."""
     key = settings.openai_api_key.reveal() if settings.openai_api_key else "not-needed"
-    transport = (
-        None
-        if proxy_for(settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
-        else (Http11Transport(max_idle=100))
-    )
+    # A proxy named by the environment is left to httpx2's own transport (no `transport`).
+    # Ours keeps one connection ready: the next ask's request need not wait for a connect.
+    proxied = proxy_for(settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
+    transport = None if proxied else Http11Transport(max_idle=100, spare=1)
     return TemplatedAsyncOpenAI(
         api_key=key,
         transport=transport,
@@ -194,9 +193,8 @@ def make_client(settings: Settings) -> TemplatedAsyncOpenAI:
 
 
 def _http_client(transport: Http11Transport | None) -> httpx2.AsyncClient:
-    """On the lean HTTP/1.1 transport, unless the environment names a proxy for the base URL
-    (no `transport` then), which httpx2's own transport (HTTP CONNECT, SOCKS) handles. Either
-    way as many connections as answers run, a hundred kept idle."""
+    """On `transport`, or without one on httpx2's own (HTTP CONNECT, SOCKS): either way as
+    many connections as answers run, a hundred kept idle."""
     if transport is None:
         return openai.DefaultAsyncHttpxClient(
             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)

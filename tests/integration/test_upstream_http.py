@@ -91,9 +91,17 @@ async def serving(server: Server, tls: ssl.SSLContext | None = None) -> AsyncIte
         await listener.wait_closed()
 
 
-def client(*, verify: ssl.SSLContext | None = None, read: float = 5) -> httpx2.AsyncClient:
-    transport = Http11Transport(ssl_context=verify)
+def client(
+    *, verify: ssl.SSLContext | None = None, read: float = 5, spare: int = 0
+) -> httpx2.AsyncClient:
+    transport = Http11Transport(ssl_context=verify, spare=spare)
     return httpx2.AsyncClient(transport=transport, timeout=httpx2.Timeout(5, read=read))
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 async def body_reads(response: httpx2.Response) -> list[bytes]:
@@ -163,6 +171,45 @@ async def test_a_refused_port_is_a_connect_error() -> None:
         async with client() as http:
             with pytest.raises(httpx2.ConnectError):
                 await http.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_a_spare_connection_is_kept_ready_for_the_next_request() -> None:
+    server = Server(PIECES, delay=0.05)
+    async with serving(server) as port, client(spare=1) as http:
+        url = f"http://127.0.0.1:{port}/"
+        async with http.stream("GET", url) as first:
+            # The first request connected for itself, and opened a spare meanwhile.
+            await until(lambda: server.connections == 2)
+            assert len(server.requests) == 1
+            async with http.stream("GET", url) as second:  # on the spare, while first runs
+                await until(lambda: len(server.requests) == 2)
+                assert b"".join(await body_reads(second)) == b"".join(PIECES)
+            assert b"".join(await body_reads(first)) == b"".join(PIECES)
+        # The second took the spare, so a new one was opened; nothing more.
+        await until(lambda: server.connections == 3)
+        for _ in range(3):  # one after another: the idle connections serve them
+            assert (await http.get(url)).content == b"".join(PIECES)
+        await asyncio.sleep(0.05)
+        assert server.connections == 3
+
+
+async def test_a_spare_that_cannot_connect_leaves_the_error_to_the_request() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connections are refused
+        async with client(spare=1) as http:
+            for _ in range(2):
+                with pytest.raises(httpx2.ConnectError):
+                    await http.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_closing_the_transport_closes_its_spare() -> None:
+    server = Server(PIECES)
+    async with serving(server) as port:
+        async with client(spare=1) as http:
+            assert (await http.get(f"http://127.0.0.1:{port}/")).content == b"".join(PIECES)
+            await until(lambda: server.connections == 2)
+        await until(lambda: server.ended == 2)  # the used one and the spare
 
 
 async def test_a_body_larger_than_the_buffer_limit_arrives_whole() -> None:
