@@ -14,6 +14,10 @@ With `--stalls` it watches the event loop instead (bench/stallwatch/): how late 
 callback due every millisecond, and the main thread's stack sampled only while the loop was
 late by more than `--stall-ms`; profile-stalls.md says what holds up the tail of the latency,
 which a profiler weighing every busy moment alike does not.
+
+With `--timeline` it stamps each ask on its way through the gateway instead (bench/timeline/),
+after a window of the bare upstream at the same level: profile-timeline.md says how much of
+the added time to first token the gateway spends, and where, and how much is the harness's.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from bench.options import RESULTS, options_from_args
 from bench.procs import pinned
@@ -40,6 +44,7 @@ from bench.stats import percentile
 
 CALLCOUNT_HOOK: Final = Path(__file__).parent / "callcount"
 STALLWATCH_HOOK: Final = Path(__file__).parent / "stallwatch"
+TIMELINE_HOOK: Final = Path(__file__).parent / "timeline"
 
 # Where a frame's file lives → the area of the stack it belongs to (first match wins).
 AREAS: Final = (
@@ -141,9 +146,13 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
     )
     stats_path = work / "calls.prof"
     stalls_path = work / "stalls.json"
+    timeline_path = work / "timeline.json"
     if args.count_calls:
         options.gateway_env["PYTHONPATH"] = str(CALLCOUNT_HOOK)
         options.gateway_env["QNA_BENCH_CPROFILE"] = str(stats_path)
+    elif args.timeline:
+        options.gateway_env["PYTHONPATH"] = str(TIMELINE_HOOK)
+        options.gateway_env["QNA_BENCH_TIMELINE"] = str(timeline_path)
     elif args.stalls:
         options.gateway_env["PYTHONPATH"] = str(STALLWATCH_HOOK)
         options.gateway_env["QNA_BENCH_STALLS"] = str(stalls_path)
@@ -178,6 +187,13 @@ async def _profile(args: argparse.Namespace, work: Path) -> str:
         if args.count_calls:
             await _toggled_window(bench, record, stats_path)
             return _calls_report(args, bench, record, stats_path)
+        if args.timeline:
+            # The bare upstream's window first: the added TTFT the stamps are set against.
+            floor = WindowRecord(1, args.phase, 0, args.streams, "upstream")
+            await bench.run_window(floor)
+            await bench.wait_quiet()
+            await _toggled_window(bench, record, timeline_path)
+            return _timeline_report(args, bench, record, floor, timeline_path)
         if args.stalls:
             await _toggled_window(bench, record, stalls_path)
             return _stalls_report(args, bench, record, stalls_path)
@@ -370,6 +386,76 @@ def _stalls_report(
     )
 
 
+# (label, from stamp, to stamp) of bench/timeline/'s records, in the order an ask meets them.
+TIMELINE_SEGMENTS: Final = (
+    ("uvicorn: request read, to the app", "received", "middleware"),
+    ("Litestar and the handler: routing, auth, body, limits", "middleware", "turn"),
+    ("turn manager: the early call's request built", "turn", "transport"),
+    ("transport: a connection (idle, or connected) and the write", "transport", "llm_request"),
+    ("first token in from the LLM to its delta out to the client", "llm_token", "delta_out"),
+)
+
+
+def _timeline_report(
+    args: argparse.Namespace,
+    bench: Bench,
+    record: WindowRecord,
+    floor: WindowRecord,
+    path: Path,
+) -> str:
+    asks: list[dict[str, float]] = json.loads(path.read_text())
+
+    def ms(values: list[float], q: float) -> str:
+        value = percentile(values, q)
+        return "-" if value is None else f"{value * 1000:.2f}"
+
+    def row(label: str, values: list[float]) -> str:
+        return f"| {label} | {ms(values, 50)} | {ms(values, 90)} | {ms(values, 99)} |"
+
+    spans = {
+        label: [a[end] - a[start] for a in asks if start in a and end in a]
+        for label, start, end in TIMELINE_SEGMENTS
+    }
+    total = [
+        a["llm_request"] - a["received"] + a["delta_out"] - a["llm_token"]
+        for a in asks
+        if {"received", "llm_request", "llm_token", "delta_out"} <= a.keys()
+    ]
+    gateway, upstream = record.loadgen, floor.loadgen
+
+    def ttft(window: dict[str, Any], key: str) -> float:
+        value = window.get(key)
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    added = [(ttft(gateway, key) - ttft(upstream, key)) * 1000 for key in ("ttft_p50", "ttft_p99")]
+    return "\n".join(
+        [
+            f"# Gateway timeline: {args.streams} {args.phase} streams",
+            "",
+            f"Reproduce: `python -m bench.profile_gateway --timeline --phase {args.phase}"
+            f" --streams {args.streams}`. Gateway: {bench.meta.get('gateway_source')}.",
+            "",
+            "Each ask is stamped on its way through the gateway (`bench/timeline/`), from the"
+            " moment uvicorn read it to the moment its first delta went out. The benchmark's"
+            " added time to first token, measured from the load generator, also holds the"
+            " harness's hops: the gateway's request has to reach the fake upstream, which"
+            " shares core 1 with the load generator, and the first token comes back through one"
+            " more process than the bare upstream's does.",
+            "",
+            f"- {len(asks)} asks stamped of {args.streams}; window {record.wall:.1f} s,"
+            f" {gateway.get('errors')} errors",
+            f"- added TTFT in this pair of windows (gateway vs the bare upstream, p50 / p99):"
+            f" {added[0]:+.2f} / {added[1]:+.2f} ms",
+            "",
+            "| segment | p50 ms | p90 ms | p99 ms |",
+            "|---|---:|---:|---:|",
+            *(row(label, spans[label]) for label, _, _ in TIMELINE_SEGMENTS),
+            row("**in the gateway, all told**", total),
+            "",
+        ]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_gateway", description=__doc__)
     parser.add_argument(
@@ -392,6 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         " while it was stalled (profile-stalls.md)",
     )
     parser.add_argument("--stall-ms", type=float, default=5.0, help="what --stalls calls a stall")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="stamp each ask's way through the gateway instead (bench/timeline/): where the"
+        " gateway's share of the added time to first token goes (profile-timeline.md)",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
         "passthrough", nargs="*", help="further bench.run options (after --), e.g. --gateway-ref"
@@ -400,7 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="qna-profile-"))
     text = asyncio.run(_profile(args, work))
-    suffix = "-calls" if args.count_calls else "-stalls" if args.stalls else ""
+    suffix = (
+        "-calls"
+        if args.count_calls
+        else "-timeline"
+        if args.timeline
+        else "-stalls"
+        if args.stalls
+        else ""
+    )
     (args.out_dir / f"{_stem(args.phase)}{suffix}.md").write_text(text)
     print(text)
     subprocess.run(["rm", "-rf", str(work)], check=False)
