@@ -135,6 +135,7 @@ class LoadGenerator:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         result.start = started - self._t0
+        result.begun = started
 
         def factory() -> StreamProtocol:
             return StreamProtocol(request, plan.target, result, self.window, schedule, started)

@@ -33,6 +33,8 @@ class StreamResult:
     index: int
     seed: int
     start: float = 0.0  # seconds since the window began
+    begun: float = 0.0  # the same moment on the machine's monotonic clock (perf_counter)
+    port: int = 0  # the connection's local port, which the gateway's timeline hook sees too
     status: int = 0
     ttft: float | None = None
     sched_ttft: float | None = None  # when the upstream's schedule put the first chunk
@@ -122,6 +124,9 @@ class StreamProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        sockname = self.transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple):
+            self._result.port = int(sockname[1])
         self.transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:

@@ -27,7 +27,7 @@ _by_connection: dict[int, dict[str, float]] = {}  # id(LLM connection) -> stamps
 _by_response: dict[int, dict[str, float]] = {}  # id(event stream response) -> stamps
 _done: list[dict[str, float]] = []
 _on = False
-_clock = time.monotonic
+_clock = time.perf_counter  # the load generator's clock too (CLOCK_MONOTONIC on Linux)
 _TOKEN = re.compile(rb'"content":"[^"]')  # a chunk with text (the role's first chunk has none)
 
 
@@ -48,7 +48,7 @@ def _install() -> None:
 
     def data_received(self: Any, data: bytes) -> None:
         if _on and self.client and data.startswith(b"POST "):
-            _open[self.client[1]] = {"received": _clock()}
+            _open[self.client[1]] = {"received": _clock(), "port": self.client[1]}
         received(self, data)
 
     httptools_impl.HttpToolsProtocol.data_received = data_received  # type: ignore[method-assign]
