@@ -338,11 +338,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
             connection = await self._connect(origin, seconds, request)
         except httpx2.TransportError:
             return  # the next request connects itself, and fails with the reason
-        if self._closed or self._idle_count >= self._max_idle:
-            connection.fail("closed by the client")
-            return
-        self._idle.setdefault(origin, []).insert(0, connection)  # behind the warmer ones
-        self._idle_count += 1
+        self._park(connection, behind=True)  # behind the warmer ones
 
     async def _connect(
         self, origin: Origin, seconds: float | None, request: httpx2.Request
@@ -373,19 +369,29 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         if not connection.busy:
             return
         connection.busy = False
-        keep = (
-            not self._closed  # a body read to its end after aclose() (llm._finish_reading)
-            and connection.complete
+        reusable = (
+            connection.complete
             and not connection.closed
             and not connection.until_close
             and connection.keep_alive
-            and self._idle_count < self._max_idle
         )
-        if keep:
-            self._idle.setdefault(connection.origin, []).append(connection)
-            self._idle_count += 1
+        if reusable:
+            self._park(connection)
         else:
             connection.fail("closed by the client")
+
+    def _park(self, connection: _Connection, *, behind: bool = False) -> None:
+        """Into the idle list (taken from its end), unless the transport is closed (a body
+        read to its end after aclose(): llm._finish_reading) or the list is full."""
+        if self._closed or self._idle_count >= self._max_idle:
+            connection.fail("closed by the client")
+            return
+        idle = self._idle.setdefault(connection.origin, [])
+        if behind:
+            idle.insert(0, connection)
+        else:
+            idle.append(connection)
+        self._idle_count += 1
 
     async def aclose(self) -> None:
         self._closed = True
