@@ -316,6 +316,12 @@ def _calls_report(
     return "\n".join(lines)
 
 
+def _ms(values: list[float], q: float, *, digits: int = 1) -> str:
+    """The q-th percentile of `values` (seconds) in milliseconds, "-" when there are none."""
+    value = percentile(values, q)
+    return "-" if value is None else f"{value * 1000:.{digits}f}"
+
+
 def _stalls_report(
     args: argparse.Namespace, bench: Bench, record: WindowRecord, stalls_path: Path
 ) -> str:
@@ -330,10 +336,6 @@ def _stalls_report(
         "".join(f"{stack} {n}\n" for stack, n in stacks.most_common())
     )
     window = record.loadgen
-
-    def ms(values: list[float], q: float) -> str:
-        value = percentile(values, q)
-        return "-" if value is None else f"{value * 1000:.1f}"
 
     threshold = data["threshold"] * 1000
     collections = data.get("collections", [])
@@ -366,11 +368,11 @@ def _stalls_report(
             "",
             f"- window: {record.wall:.1f} s, {window.get('chunks')} tokens relayed, "
             f"{window.get('errors')} errors",
-            f"- tick lateness over {len(lateness)} ticks: p50 {ms(lateness, 50)} ms, p90 "
-            f"{ms(lateness, 90)}, p99 {ms(lateness, 99)}, p99.9 {ms(lateness, 99.9)}, max "
-            f"{ms(lateness, 100)} ms",
+            f"- tick lateness over {len(lateness)} ticks: p50 {_ms(lateness, 50)} ms, p90 "
+            f"{_ms(lateness, 90)}, p99 {_ms(lateness, 99)}, p99.9 {_ms(lateness, 99.9)}, max "
+            f"{_ms(lateness, 100)} ms",
             f"- stalls over {threshold:.0f} ms: {len(stalls)}; sampled length p50 "
-            f"{ms(seen, 50)} ms, max {ms(seen, 100)} ms (a lower bound: from the last tick to"
+            f"{_ms(seen, 50)} ms, max {_ms(seen, 100)} ms (a lower bound: from the last tick to"
             " the last sample)",
             f"- the garbage collector ran {collecting * 1000:.1f} ms of the"
             f" {sum(seen) * 1000:.1f} ms sampled as stalled",
@@ -405,22 +407,16 @@ def _timeline_report(
 ) -> str:
     asks: list[dict[str, float]] = json.loads(path.read_text())
 
-    def ms(values: list[float], q: float) -> str:
-        value = percentile(values, q)
-        return "-" if value is None else f"{value * 1000:.2f}"
-
     def row(label: str, values: list[float]) -> str:
-        return f"| {label} | {ms(values, 50)} | {ms(values, 90)} | {ms(values, 99)} |"
+        cells = " | ".join(_ms(values, q, digits=2) for q in (50, 90, 99))
+        return f"| {label} | {cells} |"
 
     spans = {
         label: [a[end] - a[start] for a in asks if start in a and end in a]
         for label, start, end in TIMELINE_SEGMENTS
     }
-    total = [
-        a["llm_request"] - a["received"] + a["delta_out"] - a["llm_token"]
-        for a in asks
-        if {"received", "llm_request", "llm_token", "delta_out"} <= a.keys()
-    ]
+    # The hook writes only asks that reached their first delta, with all four of these.
+    total = [a["llm_request"] - a["received"] + a["delta_out"] - a["llm_token"] for a in asks]
     gateway, upstream = record.loadgen, floor.loadgen
 
     def ttft(window: dict[str, Any], key: str) -> float:
@@ -438,10 +434,9 @@ def _timeline_report(
             "",
             "Each ask is stamped on its way through the gateway (`bench/timeline/`), from the"
             " moment uvicorn read it to the moment its first delta went out. The benchmark's"
-            " added time to first token, measured from the load generator, also holds the"
-            " harness's hops: the gateway's request has to reach the fake upstream, which"
-            " shares core 1 with the load generator, and the first token comes back through one"
-            " more process than the bare upstream's does.",
+            " added time to first token, measured from the load generator, also holds the hops"
+            " outside the gateway: the client's to it, and the gateway's round trip to the fake"
+            " upstream (which shares core 1 with the load generator); the second table has them.",
             "",
             f"- {len(asks)} asks stamped of {args.streams}; window {record.wall:.1f} s,"
             f" {gateway.get('errors')} errors",
@@ -481,8 +476,8 @@ def _timeline_hops(
     client_out: list[float] = []
     upstream_side: list[float] = []
     for ask in asks:
-        stream = by_port.get(int(ask.get("port", 0)))
-        if stream is None or not {"llm_request", "llm_token", "delta_out"} <= ask.keys():
+        stream = by_port.get(int(ask["port"]))
+        if stream is None:
             continue
         client_in.append(ask["received"] - stream["begun"])
         client_out.append(stream["begun"] + stream["ttft"] - ask["delta_out"])
