@@ -284,9 +284,7 @@ async def test_a_response_released_after_the_transport_closed_closes_its_connect
         rest = [piece async for piece in _until_empty(read)]
         assert b"".join(rest) == b"".join(PIECES[1:])
         await response.aclose()
-        async with asyncio.timeout(5):
-            while server.ended == 0:
-                await asyncio.sleep(0.01)
+        await until(lambda: server.ended != 0)
     assert server.connections == 1
 
 
