@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -37,11 +38,19 @@ def settings(database_url: str, upstream: FakeUpstream) -> Settings:
     )
 
 
+@contextlib.asynccontextmanager
+async def client_of(settings: Settings) -> AsyncIterator[TemplatedAsyncOpenAI]:
+    client = make_client(settings)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[TemplatedAsyncOpenAI]:
-    client = make_client(settings)
-    yield client
-    await client.close()
+    async with client_of(settings) as client:
+        yield client
 
 
 @pytest.fixture
@@ -138,8 +147,7 @@ async def test_a_streamed_request_past_the_sdk_is_the_one_the_sdk_sends(
 async def test_a_first_attempt_past_the_sdk_is_retried_as_the_sdk_retries(
     settings: Settings, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = make_client(replace(settings, llm_max_retries=2))
-    try:
+    async with client_of(replace(settings, llm_max_retries=2)) as client:
         caplog.set_level(logging.DEBUG, logger="openai._base_client")
         await drained(await client.stream(PATH, BODY))
         before = upstream.stats()["requests"]
@@ -156,16 +164,13 @@ async def test_a_first_attempt_past_the_sdk_is_retried_as_the_sdk_retries(
         with pytest.raises(openai.InternalServerError, match="server had an error"):
             await client.stream(PATH, BODY)
         assert upstream.stats()["requests"] == before + 3
-    finally:
-        await client.close()
 
 
 @pytest.mark.parametrize("status", [400, 500])
 async def test_an_error_status_past_the_sdk_raises_the_sdk_s_error(
     settings: Settings, upstream: FakeUpstream, status: int
 ) -> None:
-    client = make_client(replace(settings, llm_max_retries=0))
-    try:
+    async with client_of(replace(settings, llm_max_retries=0)) as client:
         await drained(await client.stream(PATH, BODY))
         if status == 400:
             body = b"not json"
@@ -179,8 +184,6 @@ async def test_an_error_status_past_the_sdk_raises_the_sdk_s_error(
         assert type(ours.value) is type(sdk.value)
         assert ours.value.status_code == status
         assert (ours.value.message, ours.value.body) == (sdk.value.message, sdk.value.body)
-    finally:
-        await client.close()
 
 
 async def test_a_connection_refused_past_the_sdk_is_the_sdk_s_connection_error(
@@ -190,16 +193,13 @@ async def test_a_connection_refused_past_the_sdk_is_the_sdk_s_connection_error(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     closed = replace(settings, openai_base_url=f"http://127.0.0.1:{port}/v1", llm_max_retries=0)
-    client = make_client(closed)
-    try:
+    async with client_of(closed) as client:
         with pytest.raises(openai.APIConnectionError) as sdk:
             await client.stream(PATH, BODY)  # the SDK's attempt, which leaves the template
         with pytest.raises(openai.APIConnectionError) as ours:
             await client.stream(PATH, BODY)
         assert type(ours.value) is type(sdk.value)
         assert type(ours.value.__cause__) is httpx2.ConnectError
-    finally:
-        await client.close()
 
 
 async def test_consecutive_answers_send_each_its_own_conversation(
