@@ -80,6 +80,17 @@ def described(exc: BaseException) -> str:
     return text
 
 
+# Hypothesis checks that drawing a case leaves the global `random` state as it found it. Here
+# the gateway runs on this process's event loop while cases are drawn on a worker thread, and
+# psycopg_pool draws from that global state for each new connection's max-lifetime jitter (as
+# does the gateway's own reconnect back-off), so a pool that grows mid-draw trips the check. The
+# warning, made an error by `filterwarnings = ["error"]`, then does not recur when Hypothesis
+# replays the case, and the test failed as "flaky" (CI, stop 18). The strategies themselves never
+# touch `random`.
+@pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     gateway_factory: GatewayFactory, mode: GenerationMode
