@@ -10,10 +10,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from uuid import UUID
 
-from psycopg import AsyncConnection, OperationalError
+from psycopg import AsyncConnection, OperationalError, sql
 
 from .events import Notice, Resync, StreamEvent, TextAppended, parse_notice
-from .store.messages import EVENTS_CHANNEL
+from .store.messages import EVENTS_CHANNEL, text_channel
 from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ class EventHub:
     The listening connection is its own, outside the pool: a pooled connection would go back to
     the pool still listening. When it drops, the hub reconnects with backoff and tells every
     subscriber to re-read the table, since notices sent meanwhile are lost.
+
+    Besides the shared channel it LISTENs to the text channel of each message it has a
+    subscriber for, and of no other: the text of answers nobody here follows, this process's
+    own included, is not delivered to it at all.
     """
 
     def __init__(
@@ -46,6 +50,10 @@ class EventHub:
         self._subscribers: defaultdict[UUID, set[Subscriber]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._connected = False
+        # The watched set changed: the listener stops receiving to LISTEN/UNLISTEN the difference.
+        self._changed = asyncio.Event()
+        self._heard: dict[UUID, list[asyncio.Future[None]]] = {}  # subscribe() waiting on LISTEN
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen_forever(), name="qna-event-hub")
@@ -57,9 +65,22 @@ class EventHub:
         await cancel_and_wait(self._task)
         self._task = None
 
-    def subscribe(self, message_id: UUID) -> Subscriber:
+    async def subscribe(self, message_id: UUID) -> Subscriber:
+        """A queue of `message_id`'s events, returned once its text channel is listened to, so
+        a read of the table after this call misses no text. While the listener is away it
+        returns at once: the reconnect sends every subscriber a `Resync`."""
         queue: Subscriber = asyncio.Queue()
         self._subscribers[message_id].add(queue)
+        if not self._connected:
+            return queue
+        heard = asyncio.get_running_loop().create_future()
+        self._heard.setdefault(message_id, []).append(heard)
+        self._changed.set()
+        try:
+            await heard
+        except BaseException:
+            self.unsubscribe(message_id, queue)
+            raise
         return queue
 
     def unsubscribe(self, message_id: UUID, queue: Subscriber) -> None:
@@ -68,6 +89,8 @@ class EventHub:
             watchers.discard(queue)
             if not watchers:
                 del self._subscribers[message_id]
+                self._heard.pop(message_id, None)  # a subscribe() cancelled while it waited
+                self._changed.set()
 
     def broadcast(self, event: StreamEvent) -> None:
         """Send one event to every remote watcher (e.g. Reconnect when draining)."""
@@ -86,25 +109,86 @@ class EventHub:
                 conn = await AsyncConnection.connect(self._conninfo, autocommit=True)
                 async with conn:
                     await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
+                    listening: set[UUID] = set()
+                    await self._listen_to_watched(conn, listening)
+                    self._connected = True
                     if self._ready.is_set():
                         self.broadcast(Resync())
                         if self._on_missed is not None:
                             self._on_missed()
                     self._ready.set()
                     delay = 0.2
-                    async for notify in conn.notifies():
-                        self._dispatch(notify.payload)
+                    await self._receive(conn, listening)
             except OperationalError as exc:
                 log.warning(
                     "event listener lost its connection (%s); retrying in %.1fs", exc, delay
                 )
+            finally:
+                self._connected = False
+                self._release_waiters()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+
+    async def _receive(self, conn: AsyncConnection, listening: set[UUID]) -> None:
+        """Dispatch notices until the connection fails. psycopg's `notifies()` holds the
+        connection while it waits, so a change of the watched set interrupts the wait (which is
+        safe: it has consumed nothing yet) to LISTEN or UNLISTEN, then waits again."""
+        while True:
+            receiving = asyncio.ensure_future(self._dispatch_all(conn))
+            changed = asyncio.ensure_future(self._changed.wait())
+            try:
+                await asyncio.wait((receiving, changed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Both unwound (the receiver lets go of the connection) whatever their outcome,
+                # and without swallowing this task's own cancellation, as awaiting a cancelled
+                # task inside `suppress(CancelledError)` would.
+                receiving.cancel()
+                changed.cancel()
+                await asyncio.wait((receiving, changed))
+            if not receiving.cancelled() and (error := receiving.exception()) is not None:
+                raise error  # the connection failed
+            await self._listen_to_watched(conn, listening)
+
+    async def _dispatch_all(self, conn: AsyncConnection) -> None:
+        async for notify in conn.notifies():
+            self._dispatch(notify.payload)
+
+    async def _listen_to_watched(self, conn: AsyncConnection, listening: set[UUID]) -> None:
+        """LISTEN to the text channel of every watched message, UNLISTEN the rest (one round
+        trip), then let the subscribers waiting for it go."""
+        self._changed.clear()  # a change while this runs sets it again: the next round sees it
+        wanted = set(self._subscribers)
+        commands = [
+            *(
+                sql.SQL("LISTEN {}").format(sql.Identifier(text_channel(m)))
+                for m in wanted - listening
+            ),
+            *(
+                sql.SQL("UNLISTEN {}").format(sql.Identifier(text_channel(m)))
+                for m in listening - wanted
+            ),
+        ]
+        if commands:
+            await conn.execute(sql.SQL("; ").join(commands))
+            listening.clear()
+            listening.update(wanted)
+        for message_id in wanted:
+            for heard in self._heard.pop(message_id, ()):
+                if not heard.done():
+                    heard.set_result(None)
+
+    def _release_waiters(self) -> None:
+        """The listener is away: nobody waits for a LISTEN now (the reconnect resyncs them)."""
+        for waiting in self._heard.values():
+            for heard in waiting:
+                if not heard.done():
+                    heard.set_result(None)
+        self._heard.clear()
 
     def _dispatch(self, payload: str) -> None:
         notice = parse_notice(payload)
         if notice is None:
-            log.warning("ignoring a malformed notice on %s", EVENTS_CHANNEL)
+            log.warning("ignoring a malformed notice")
             return
         try:
             message_id = UUID(notice.m)

@@ -260,7 +260,7 @@ async def _tail_remote(manager: TurnManager, message: Message, cursor: _Cursor) 
                 return
         cursor.reconnect()
         return
-    queue = manager.hub.subscribe(message.id)
+    queue = await manager.hub.subscribe(message.id)
     settings = manager.settings
     # Re-read now and then even without notices: covers a lost notice and an owner that died.
     # The same beat tells the owner this answer is watched (the orphan rule spans replicas).

@@ -325,7 +325,7 @@ class TurnManager:
         return await self._cancel_remote(message)
 
     async def _cancel_remote(self, message: Message) -> Message:
-        queue = self.hub.subscribe(message.id)
+        queue = await self.hub.subscribe(message.id)
         try:
             async with self.pool.connection() as conn:
                 await store.notify(conn, payload=cancel_notice(message.id))

@@ -16,8 +16,18 @@ from .cursors import decode_cursor, encode_cursor
 
 T = TypeVar("T")
 
-# Every message change is announced here; the payload names the message (see pubsub.py).
+# Every message change is announced here; the payload names the message (see pubsub.py)...
 EVENTS_CHANNEL = "qna_events"
+# ...except streamed text, which goes to a channel of the answer's own: only a replica that
+# follows the answer LISTENs there, so PostgreSQL delivers the bulk of the notices (one per
+# answer per batch interval) to nobody, instead of to every replica, its writer included.
+TEXT_CHANNEL_PREFIX = "qna_text_"
+
+
+def text_channel(message_id: UUID) -> str:
+    """The channel of `message_id`'s text notices (a lowercase identifier, 41 characters)."""
+    return TEXT_CHANNEL_PREFIX + message_id.hex
+
 
 _COLUMNS = (
     "m.id, m.seq, m.chat_id, m.role, m.content, m.status, m.finish_reason, m.error, m.model,"
@@ -240,7 +250,7 @@ async def append_text(
         "WITH appended AS (UPDATE messages SET content = content || %s"
         " WHERE id = %s AND status = 'streaming' AND char_length(content) = %s RETURNING id)"
         " SELECT pg_notify(%s, %s) FROM appended",
-        (text, message_id, offset, EVENTS_CHANNEL, notify),
+        (text, message_id, offset, text_channel(message_id), notify),
     )
     return await cur.fetchone() is not None
 
@@ -258,7 +268,7 @@ _encode_batches = msgspec.json.Encoder().encode
 
 
 async def append_batches(conn: AsyncConnection, batches: list[TextBatch]) -> set[UUID]:
-    """Append many answers' batches and announce each: one statement.
+    """Append many answers' batches and announce each on its text channel: one statement.
 
     Each batch applies only where the stored text ends at its offset (a retried batch is a
     no-op, not doubled text); the ids returned are those that applied. The batches travel as
@@ -271,8 +281,9 @@ async def append_batches(conn: AsyncConnection, batches: list[TextBatch]) -> set
         " appended AS (UPDATE messages AS m SET content = m.content || b.text FROM batch AS b"
         " WHERE m.id = b.id AND m.status = 'streaming' AND char_length(m.content) = b.start"
         " RETURNING m.id, b.notice)"
-        " SELECT id, pg_notify(%s, notice) FROM appended",
-        (_encode_batches(batches).decode(), EVENTS_CHANNEL),
+        # text_channel(id), spelled in SQL: uuid::text is the lowercase hex with hyphens.
+        " SELECT id, pg_notify(%s || replace(id::text, '-', ''), notice) FROM appended",
+        (_encode_batches(batches).decode(), TEXT_CHANNEL_PREFIX),
     )
     return {row[0] for row in await cur.fetchall()}
 
@@ -282,7 +293,7 @@ async def rewrite_text(conn: AsyncConnection, *, message_id: UUID, text: str, no
         "WITH rewritten AS (UPDATE messages SET content = %s"
         " WHERE id = %s AND status = 'streaming' RETURNING id)"
         " SELECT pg_notify(%s, %s) FROM rewritten",
-        (text, message_id, EVENTS_CHANNEL, notify),
+        (text, message_id, text_channel(message_id), notify),
     )
     return await cur.fetchone() is not None
 
