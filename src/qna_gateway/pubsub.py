@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 Subscriber = asyncio.Queue[StreamEvent]
 
+# How long a subscriber waits for the listener to confirm its LISTEN before it goes on without.
+LISTEN_WAIT_SECONDS = 5.0
+
 
 class EventHub:
     """Routes notices to the streams that watch a message owned by another process.
@@ -67,17 +70,30 @@ class EventHub:
 
     async def subscribe(self, message_id: UUID) -> Subscriber:
         """A queue of `message_id`'s events, returned once its text channel is listened to, so
-        a read of the table after this call misses no text. While the listener is away it
-        returns at once: the reconnect sends every subscriber a `Resync`."""
+        a read of the table after this call misses no text.
+
+        While the listener is away it returns at once: the reconnect listens to every watched
+        channel and sends every subscriber a `Resync`. If the listener does not confirm within
+        `LISTEN_WAIT_SECONDS` (a connection gone silent), it returns too: the follower's
+        periodic re-read carries it meanwhile, as it did before text had channels of its own.
+        """
         queue: Subscriber = asyncio.Queue()
         self._subscribers[message_id].add(queue)
+        self._changed.set()  # also while away: a reconnect already past its LISTENs redoes them
         if not self._connected:
             return queue
         heard = asyncio.get_running_loop().create_future()
         self._heard.setdefault(message_id, []).append(heard)
-        self._changed.set()
         try:
-            await heard
+            async with asyncio.timeout(LISTEN_WAIT_SECONDS):
+                await heard
+        except TimeoutError:
+            log.warning(
+                "the event listener did not confirm LISTEN for %s within %ss; its stream re-reads"
+                " the table until it does",
+                message_id,
+                LISTEN_WAIT_SECONDS,
+            )
         except BaseException:
             self.unsubscribe(message_id, queue)
             raise

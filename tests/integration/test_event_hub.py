@@ -39,7 +39,7 @@ async def next_event(queue: asyncio.Queue[StreamEvent]) -> StreamEvent:
 async def test_a_follower_hears_its_answers_text_as_soon_as_it_has_subscribed(
     hub: Hub, db: psycopg.AsyncConnection
 ) -> None:
-    events, _ = hub
+    events, name = hub
     answer = uuid.uuid4()
     queue = await events.subscribe(answer)
     # No pause: the LISTEN took effect before subscribe() returned.
@@ -56,6 +56,18 @@ async def test_a_follower_hears_its_answers_text_as_soon_as_it_has_subscribed(
     assert await next_event(queue) == TextAppended(5, " again")
     events.unsubscribe(answer, queue)
     assert events.watched == 0
+    # ...and once nobody here follows it, its channel is let go: the listener's last statement.
+    async with asyncio.timeout(5):
+        while await last_statement(db, name) != f'UNLISTEN "{store.text_channel(answer)}"':
+            await asyncio.sleep(0.01)
+
+
+async def last_statement(db: psycopg.AsyncConnection, application_name: str) -> str | None:
+    cur = await db.execute(
+        "SELECT query FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else str(row[0])
 
 
 async def test_after_a_lost_connection_it_listens_again_to_what_is_followed(
