@@ -17,7 +17,7 @@ which a profiler weighing every busy moment alike does not.
 
 With `--timeline` it stamps each ask on its way through the gateway instead (bench/timeline/),
 after a window of the bare upstream at the same level: profile-timeline.md says how much of
-the added time to first token the gateway spends, and where, and how much is the harness's.
+the added time to first token the gateway spends, and where, and what the hops outside it take.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from uuid import UUID
 
 from psycopg import AsyncConnection, OperationalError, sql
@@ -141,7 +141,7 @@ class EventHub:
                 )
             finally:
                 self._connected = False
-                self._release_waiters()
+                self._let_go(self._heard)  # nobody waits while it is away: the reconnect resyncs
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
@@ -188,18 +188,14 @@ class EventHub:
             await conn.execute(sql.SQL("; ").join(commands))
             listening.clear()
             listening.update(wanted)
-        for message_id in wanted:
-            for heard in self._heard.pop(message_id, ()):
-                if not heard.done():
-                    heard.set_result(None)
+        self._let_go(wanted)
 
-    def _release_waiters(self) -> None:
-        """The listener is away: nobody waits for a LISTEN now (the reconnect resyncs them)."""
-        for waiting in self._heard.values():
-            for heard in waiting:
-                if not heard.done():
+    def _let_go(self, message_ids: Iterable[UUID]) -> None:
+        """The subscribe() calls waiting on these messages' LISTEN return."""
+        for message_id in list(message_ids):
+            for heard in self._heard.pop(message_id, ()):
+                if not heard.done():  # not cancelled meanwhile
                     heard.set_result(None)
-        self._heard.clear()
 
     def _dispatch(self, payload: str) -> None:
         notice = parse_notice(payload)
