@@ -18,6 +18,9 @@ LABELS: Final = {
     "litellm": "(c) LiteLLM proxy",
     "relay": "(d) hand-rolled FastAPI relay",
 }
+# Phases whose upstream is paced: `paced` (N streams started over 1 s) and `held` (arrivals at
+# N per stream length, measured while N are open).
+PACED_PHASES: Final = ("paced", "held")
 LIMIT_TTFT_P99: Final = 0.050
 LIMIT_GAP_P99: Final = 0.010
 # The upstream keeps up when its chunks arrive this close to their schedule and the core it
@@ -140,7 +143,8 @@ def build_cells(run: Run) -> dict[tuple[str, str, int], Cell]:
                 cell.error_kinds[kind] = cell.error_kinds.get(kind, 0) + 1
             elif int(stream["chunks"]) != int(stream["expected"]):
                 cell.mismatched += 1
-            if stream["ttft"] is not None:
+            # Held windows measure only the streams that ran while all N were open.
+            if stream["ttft"] is not None and stream.get("measured", True):
                 ttfts[key].append(float(stream["ttft"]))
                 seeded[key][int(stream["seed"])] = float(stream["ttft"])
         target = cell.config
@@ -220,18 +224,20 @@ def build_cells(run: Run) -> dict[tuple[str, str, int], Cell]:
 
 
 def upstream_ok(cell: Cell) -> bool:
-    late_ok = cell.phase != "paced" or (
+    late_ok = cell.phase not in PACED_PHASES or (
         cell.late_p99 is not None and cell.late_p99 < UPSTREAM_LATENESS_OK
     )
     share_ok = cell.core1_share is None or cell.core1_share < CORE_SHARE_OK
     return cell.windows > 0 and cell.errors == 0 and late_ok and share_ok
 
 
-def highest_within_limits(cells: dict[tuple[str, str, int], Cell], config: str) -> int:
-    """Highest paced level that meets every limit, with every level below it meeting them."""
+def highest_within_limits(
+    cells: dict[tuple[str, str, int], Cell], config: str, phase: str = "paced"
+) -> int:
+    """Highest level of `phase` that meets every limit, with every level below it meeting them."""
     best = 0
-    for level in sorted(level for phase, c, level in cells if phase == "paced" and c == config):
-        if not cells[("paced", config, level)].within_limits:
+    for level in sorted(level for p, c, level in cells if p == phase and c == config):
+        if not cells[(phase, config, level)].within_limits:
             break
         best = level
     return best

@@ -56,6 +56,9 @@ class Plan:
     ramp: float = 0.0
     rate: float = 0.0  # > 0: open loop, `rate` arrivals per second for `duration` seconds
     duration: float = 0.0
+    # Streams with an index in [measure_from, measure_to) are measured; by default all.
+    measure_from: int = 0
+    measure_to: int | None = None
     expected_chunks: int = 300
     deadline: float = 60.0
     seed_base: int = 0
@@ -71,6 +74,9 @@ class Plan:
         if self.open_loop:
             return max(1, round(self.rate * self.duration))
         return self.concurrency * self.streams_per_worker
+
+    def measured(self, index: int) -> bool:
+        return self.measure_from <= index and (self.measure_to is None or index < self.measure_to)
 
 
 def _request(plan: Plan, index: int, seed: int) -> bytes:
@@ -127,6 +133,9 @@ class LoadGenerator:
         plan = self.plan
         seed = plan.seed_base + index
         result = StreamResult(index=index, seed=seed, expected=plan.expected_chunks)
+        result.measured = plan.measured(index)
+        # An unmeasured stream's gaps and lateness go to a window nobody reads.
+        window = self.window if result.measured else Window("", plan.target, "", 0, 0)
         self.results.append(result)
         schedule = paced_schedule(plan.schedule, seed) if plan.schedule is not None else None
         if schedule:
@@ -138,7 +147,7 @@ class LoadGenerator:
         result.begun = started
 
         def factory() -> StreamProtocol:
-            return StreamProtocol(request, plan.target, result, self.window, schedule, started)
+            return StreamProtocol(request, plan.target, result, window, schedule, started)
 
         protocol: StreamProtocol | None = None
         try:
@@ -203,9 +212,11 @@ class LoadGenerator:
         # Streams the deadline kept from starting count as failed too.
         for index in range(self.plan.streams):
             if index not in started:
-                self.results.append(
-                    StreamResult(index=index, seed=self.plan.seed_base + index, error="not started")
+                result = StreamResult(
+                    index=index, seed=self.plan.seed_base + index, error="not started"
                 )
+                result.measured = self.plan.measured(index)
+                self.results.append(result)
         for r in self.results:
             if r.error is None and r.duration is None:
                 r.error = "deadline"
@@ -213,7 +224,7 @@ class LoadGenerator:
                 window.mismatched += 1
             window.chunks += r.chunks
             window.errors += r.error is not None
-        ttfts = [r.ttft for r in self.results if r.ttft is not None]
+        ttfts = [r.ttft for r in self.results if r.ttft is not None and r.measured]
         window.ttft_p50 = percentile(ttfts, 50)
         window.ttft_p99 = percentile(ttfts, 99)
 
@@ -252,6 +263,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ramp", type=float, default=0.0, help="seconds to start all workers")
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: arrivals/second")
     parser.add_argument("--duration", type=float, default=0.0, help="open loop: seconds")
+    parser.add_argument(
+        "--measure",
+        default="",
+        help="FROM:TO: only streams with an index in [FROM, TO) feed TTFT and gaps",
+    )
     parser.add_argument("--expected-chunks", type=int, default=300)
     parser.add_argument("--deadline", type=float, default=60.0)
     parser.add_argument("--seed-base", type=int, default=0)
@@ -283,6 +299,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         if not sep:
             raise ValueError(f"--header {raw!r} is not 'Name: value'")
         headers.append((name.strip(), value.strip()))
+    measure_from, measure_to = 0, None
+    if args.measure:
+        first, sep, last = args.measure.partition(":")
+        if not sep:
+            raise ValueError(f"--measure {args.measure!r} is not FROM:TO")
+        measure_from, measure_to = int(first or 0), int(last) if last else None
     chats: tuple[str, ...] = ()
     if args.chats_file is not None:
         chats = tuple(line.strip() for line in args.chats_file.read_text().splitlines() if line)
@@ -299,6 +321,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         ramp=max(0.0, args.ramp),
         rate=max(0.0, args.rate),
         duration=max(0.0, args.duration),
+        measure_from=measure_from,
+        measure_to=measure_to,
         expected_chunks=args.expected_chunks,
         deadline=args.deadline,
         seed_base=args.seed_base,

@@ -19,6 +19,7 @@ RESULTS: Final = ROOT / "bench" / "results"
 class Options:
     quick: bool
     paced_levels: tuple[int, ...]
+    held_levels: tuple[int, ...]
     zero_levels: tuple[int, ...]
     rounds: int
     paced_deadline: float
@@ -55,6 +56,12 @@ def options_from_args(argv: Sequence[str] | None) -> Options:
         help="paced 1, 50, 200 and zero-delay 1, one round, no refining: ~2-3 minutes",
     )
     parser.add_argument("--levels", type=_levels, help="paced concurrency levels, e.g. 1,50,200")
+    parser.add_argument(
+        "--held-levels",
+        type=_levels,
+        help="levels held open: arrivals at N per stream length for three lengths, measured "
+        "over the middle one ('' for none; default 500, the target; quick none)",
+    )
     parser.add_argument("--zero-levels", type=_levels, help="zero-delay levels ('' for none)")
     parser.add_argument("--rounds", type=int, help="repeats of every (level, configuration)")
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out")
@@ -116,6 +123,9 @@ def options_from_args(argv: Sequence[str] | None) -> Options:
         paced_levels=args.levels
         if args.levels is not None
         else ((1, 50, 200) if quick else (1, 50, 200, 500, 1000)),
+        held_levels=args.held_levels
+        if args.held_levels is not None
+        else (() if quick else (500,)),
         zero_levels=args.zero_levels
         if args.zero_levels is not None
         else ((1,) if quick else (1, 50, 200)),

@@ -72,6 +72,10 @@ WARM_UP_STREAMS: Final = 50
 # A paced stream's length (0.3 s to the first of 300 tokens at 40 a second): with --open-loop,
 # arrivals at N / this a second, for this long, hold about N streams open at the end.
 OPEN_LOOP_SECONDS: Final = 7.8
+# A held window: arrivals at N / OPEN_LOOP_SECONDS a second for three stream lengths; the
+# streams of the middle one are measured, and N streams are open (on average, Little's law)
+# from their first chunk to their last. The first third fills up to N, the last keeps it.
+HELD_THIRDS: Final = 3
 
 
 @dataclass
@@ -288,10 +292,13 @@ class Bench:
         options = self.options
         paced = record.phase == "paced"
         level = record.level
+        held = record.phase == "held"
         open_loop = options.open_loop and paced and level > 1
-        deadline = options.paced_deadline if paced else options.zero_deadline
+        deadline = options.paced_deadline if paced or held else options.zero_deadline
         if open_loop:
             deadline += OPEN_LOOP_SECONDS  # the last stream starts that much later
+        if held:
+            deadline += HELD_THIRDS * OPEN_LOOP_SECONDS
         argv = [
             sys.executable,
             "-m",
@@ -306,7 +313,7 @@ class Bench:
             "--deadline",
             str(deadline),
             "--schedule",
-            "paced" if paced else "none",
+            "paced" if paced or held else "none",
         ]
         argv += [
             "--streams-per-worker",
@@ -316,14 +323,17 @@ class Bench:
         ]
         if record.fake:
             argv += ["--fake", json.dumps(record.fake)]
-        if open_loop:
+        if open_loop or held:
             # Little's law: arrivals at N / (stream length) hold N streams open on average.
+            thirds = HELD_THIRDS if held else 1
             argv += [
                 "--rate",
                 f"{level / OPEN_LOOP_SECONDS:.3f}",
                 "--duration",
-                str(OPEN_LOOP_SECONDS),
+                str(thirds * OPEN_LOOP_SECONDS),
             ]
+            if held:
+                argv += ["--measure", f"{level}:{2 * level}"]
         else:
             argv += ["-c", str(level), "--ramp", "1.0" if paced and level > 1 else "0"]
         if record.config == "upstream":
@@ -336,7 +346,7 @@ class Bench:
         else:
             assert self.gateway is not None
             # Open loop: level / OPEN_LOOP_SECONDS a second for OPEN_LOOP_SECONDS, as many.
-            streams = level * record.streams_per_worker
+            streams = _streams(record)
             chats_file = out.with_suffix(".chats")
             chats, self.chats = self.chats[:streams], self.chats[streams:]
             if len(chats) < streams:
@@ -366,7 +376,7 @@ class Bench:
     async def run_window(self, record: WindowRecord) -> None:
         out = self.work / f"window-{record.id}.jsonl"
         if record.config == "gateway":
-            await self.ensure_chats(record.level * record.streams_per_worker)
+            await self.ensure_chats(_streams(record))
         argv = self._loadgen_argv(record, out)
         dbcount = self.dbcount if record.config == "gateway" else None
         opened = None
@@ -459,15 +469,22 @@ class Bench:
         assert self.upstream is not None
         next_id = 0
         # Paced first: its windows see the gateway's memory before any zero-delay burst grew it.
-        for phase, levels in (("paced", options.paced_levels), ("zero", options.zero_levels)):
+        # Held windows go on from where the paced ones saturated a system.
+        saturated: dict[str, int] = {}
+        phases = (
+            ("paced", options.paced_levels),
+            ("held", options.held_levels),
+            ("zero", options.zero_levels),
+        )
+        for phase, levels in phases:
             if not levels:
                 continue
             if phase == "zero":
                 await self.upstream.use_zero()
-            else:
+                saturated = {}
+            elif phase == "paced" or not options.paced_levels:
                 await self.upstream.use_paced()
                 await self.calibrate()
-            saturated: dict[str, int] = {}
             for round_ in range(options.rounds):
                 order = _rotated(options.configs, round_)
                 for level in levels:
@@ -581,7 +598,13 @@ class Bench:
 
 def _seed_base(record: WindowRecord) -> int:
     # The same seeds for every configuration of a (phase, round, level): paired streams.
-    return (1_000_000 if record.phase == "paced" else 0) + record.round * 100_000 + record.level
+    phase = {"paced": 1_000_000, "held": 2_000_000}.get(record.phase, 0)
+    return phase + record.round * 100_000 + record.level
+
+
+def _streams(record: WindowRecord) -> int:
+    thirds = HELD_THIRDS if record.phase == "held" else 1
+    return record.level * record.streams_per_worker * thirds
 
 
 def _rotated(configs: Sequence[str], by: int) -> list[str]:

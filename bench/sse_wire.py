@@ -46,6 +46,9 @@ class StreamResult:
     late_max: float = 0.0
     duration: float | None = None
     error: str | None = None
+    # False for the streams of a held window that only keep the others company (before and
+    # after the measured ones): they count for errors and chunks, not for TTFT or gaps.
+    measured: bool = True
 
 
 @dataclass(slots=True)
