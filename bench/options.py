@@ -123,9 +123,7 @@ def options_from_args(argv: Sequence[str] | None) -> Options:
         paced_levels=args.levels
         if args.levels is not None
         else ((1, 50, 200) if quick else (1, 50, 200, 500, 1000)),
-        held_levels=args.held_levels
-        if args.held_levels is not None
-        else (() if quick else (500,)),
+        held_levels=args.held_levels if args.held_levels is not None else (() if quick else (500,)),
         zero_levels=args.zero_levels
         if args.zero_levels is not None
         else ((1,) if quick else (1, 50, 200)),

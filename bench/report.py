@@ -550,10 +550,16 @@ def _method(options: dict[str, Any], warm_up_streams: int) -> str:
         "the later rounds; and every process held the warm-up's "
         f"{warm_up_streams} zero-delay streams first, so levels up to that "
         "have no RSS figure.\n"
-        "- Held open (levels given): arrivals at N / 7.8 a second for 23.4 s, measured over "
-        "the streams that arrived between 7.8 and 15.6 s; the deadline 20 s after the last "
-        "arrival.\n"
-        f"- Within limits: added TTFT p99 < {LIMIT_TTFT_P99 * 1000:.0f} ms, added gap p99 < "
+        + (
+            "- Held open (levels "
+            + ", ".join(str(n) for n in options.get("held_levels") or ())
+            + "): arrivals at N / 7.8 a second for 23.4 s, measured over the streams that "
+            "arrived between 7.8 and 15.6 s; the deadline "
+            f"{options.get('paced_deadline')} s after the last arrival.\n"
+            if options.get("held_levels")
+            else ""
+        )
+        + f"- Within limits: added TTFT p99 < {LIMIT_TTFT_P99 * 1000:.0f} ms, added gap p99 < "
         f"{LIMIT_GAP_P99 * 1000:.0f} ms, no error or mismatched stream, at that level and all "
         "below."
     )
@@ -564,8 +570,11 @@ def to_json(cells: dict[tuple[str, str, int], Cell], meta: dict[str, Any]) -> di
         "meta": meta,
         "cells": [asdict(cells[k]) for k in sorted(cells)],
         "highest_within_limits": {c: highest_within_limits(cells, c) for c in PEERS},
-        "highest_within_limits_held": {c: highest_within_limits(cells, c, "held") for c in PEERS},
-    }
+    } | (
+        {"highest_within_limits_held": {c: highest_within_limits(cells, c, "held") for c in PEERS}}
+        if levels(cells, "held")
+        else {}
+    )
 
 
 def write_all(raw: Path, out_dir: Path) -> str:
