@@ -19,7 +19,7 @@ from .llm import make_answerer
 from .settings import Settings
 from .store.embedded import EmbeddedPostgres
 from .store.migrations import apply_migrations
-from .store.pool import Pool, make_pool
+from .store.pool import Pool, make_pool, with_keepalives
 from .store.tracing import traced_cursor_class
 from .telemetry import Telemetry
 from .turn_manager import TurnManager
@@ -48,12 +48,13 @@ class Services:
 async def resolve_database(
     settings: Settings, embedded: EmbeddedPostgres | None
 ) -> tuple[str, EmbeddedPostgres | None]:
-    """The conninfo to use: DATABASE_URL, or a freshly started embedded server."""
+    """The conninfo to use: DATABASE_URL, or a freshly started embedded server; either way
+    with TCP keepalives that find a silently dead connection in about a minute."""
     if settings.database_url is not None:
-        return settings.database_url.reveal(), None
+        return with_keepalives(settings.database_url.reveal()), None
     server = embedded or EmbeddedPostgres(settings.data_dir)
     log.info("DATABASE_URL is not set: starting an embedded PostgreSQL in %s", server.data_dir)
-    return await server.start(), server
+    return with_keepalives(await server.start()), server
 
 
 @contextlib.asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,13 @@ import pytest
 
 from bench.fake_upstream import FakeUpstream, Scenario, answer_text
 from qna_gateway.settings import Secret
-from tests.conftest import GatewayFactory, free_port, gateway_command
+from tests.conftest import (
+    GatewayFactory,
+    base_settings,
+    free_port,
+    gateway_command,
+    running_gateway,
+)
 from tests.fixtures.db_proxy import DatabaseProxy
 from tests.sse import deltas_text, stream_events
 
@@ -118,3 +125,68 @@ async def test_pool_exhausted_is_a_clear_503(gateway_factory: GatewayFactory) ->
     assert response.headers["retry-after"]
     assert "busy" in response.json()["detail"]
     assert (await gw.client.post("/v1/chats", json={})).status_code == 201
+
+
+# A socket option and where it lives, by the name libpq's parameter sets it under.
+_KEEPALIVE_OPTIONS = {
+    "keepalives": (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+    "keepalives_idle": (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+    "keepalives_interval": (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+    "keepalives_count": (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+    "tcp_user_timeout": (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+}
+
+
+def _keepalives_of_sockets_to(port: int) -> list[dict[str, int]]:
+    """The keepalive options of every socket of this process connected to 127.0.0.1:`port`,
+    read from the kernel (so what libpq actually set, not what it was asked)."""
+    found = []
+    for entry in Path("/proc/self/fd").iterdir():
+        try:
+            if not os.readlink(entry).startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(entry.name)))
+        except OSError:
+            continue  # gone meanwhile, or not a socket Python can wrap
+        with sock:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                continue
+            if peer == ("127.0.0.1", port):
+                found.append(
+                    {name: sock.getsockopt(*where) for name, where in _KEEPALIVE_OPTIONS.items()}
+                )
+    return found
+
+
+async def test_database_connections_probe_a_silent_server(
+    proxy: DatabaseProxy, database_url: str, gateway_factory: GatewayFactory
+) -> None:
+    """A server that vanished without a word (a failover, a dropped NAT entry) is found out in
+    about a minute on every connection, the pool's and the event listener's: libpq's default
+    leaves keepalive timing to the kernel, two hours. A DATABASE_URL's own values win."""
+    proxy.up()
+    await gateway_factory(database_url=Secret(proxy.url), db_pool_min=2)
+    sockets = _keepalives_of_sockets_to(proxy.port)
+    assert len(sockets) >= 3, sockets  # the pool's two and the listener
+    expected = {
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 60000,
+    }
+    assert all(options == expected for options in sockets), sockets
+
+    own = DatabaseProxy(database_url)
+    own.up()
+    url = Secret(f"{own.url} keepalives_idle=7 tcp_user_timeout=0")
+    try:
+        async with running_gateway(base_settings(database_url, database_url=url, db_pool_min=2)):
+            sockets = _keepalives_of_sockets_to(own.port)
+    finally:
+        own.close()
+    assert len(sockets) >= 3, sockets
+    expected |= {"keepalives_idle": 7, "tcp_user_timeout": 0}
+    assert all(options == expected for options in sockets), sockets

@@ -16,6 +16,7 @@ from qna_gateway.settings import (
     SettingsError,
     normalise_database_url,
 )
+from qna_gateway.store.pool import with_keepalives
 
 PASSWORD = "hunter2-db-pw"
 API_KEY = "sk-test-0123456789abcdef"
@@ -476,3 +477,25 @@ def test_settings_never_show_the_password_or_api_key(tmp_path: Path) -> None:
         for shown in (repr(settings), str(settings), f"{settings}"):
             assert PASSWORD not in shown
             assert API_KEY not in shown
+
+
+def test_keepalives_fill_in_what_the_url_leaves_out() -> None:
+    """The gateway's keepalive defaults go with every URL; what the URL sets stays its own,
+    and nothing else in it changes (the password included)."""
+    url = "postgresql://app:s%3Dcret@db.internal:6432/qna?sslmode=require&keepalives_idle=120"
+    parsed = conninfo_to_dict(with_keepalives(url))
+    assert parsed == {
+        "user": "app",
+        "password": "s=cret",
+        "host": "db.internal",
+        "port": "6432",
+        "dbname": "qna",
+        "sslmode": "require",
+        "keepalives": "1",
+        "keepalives_idle": "120",
+        "keepalives_interval": "10",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "60000",
+    }
+    every = with_keepalives(with_keepalives(url))
+    assert conninfo_to_dict(every) == parsed  # idempotent: nothing left to add

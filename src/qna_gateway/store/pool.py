@@ -14,6 +14,7 @@ from psycopg import (
     NotSupportedError,
     ProgrammingError,
 )
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 Pool = AsyncConnectionPool[AsyncConnection]
@@ -22,6 +23,30 @@ Pool = AsyncConnectionPool[AsyncConnection]
 DB_ERRORS = (Error, PoolTimeout, OSError)
 # ...except these, about the data rather than the connection: the same statement cannot succeed.
 NOT_TRANSIENT = (DataError, IntegrityError, ProgrammingError, NotSupportedError)
+
+
+# libpq turns TCP keepalives on but leaves their timing to the kernel: two hours of silence
+# before the first probe. A connection whose server vanished without a FIN or RST (a failover,
+# a dropped NAT or load-balancer entry, a cut link) would pass for alive that long: the event
+# listener would wait for notices that never come (another replica's cancel among them), and a
+# statement sent on it would wait for its answer. With these, such a connection fails within
+# about a minute: three unanswered probes 10 s apart after 30 s idle, or 60 s with data sent
+# and not acknowledged. Unix-socket connections ignore them. A DATABASE_URL that sets any of
+# them keeps its own value.
+KEEPALIVES = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # milliseconds
+}
+
+
+def with_keepalives(conninfo: str) -> str:
+    """`conninfo` with the KEEPALIVES it does not set itself."""
+    given = conninfo_to_dict(conninfo)
+    missing = {k: v for k, v in KEEPALIVES.items() if k not in given}
+    return make_conninfo(conninfo, **missing) if missing else conninfo
 
 
 def make_pool(
