@@ -21,7 +21,6 @@ from uuid import UUID
 
 from opentelemetry import trace
 
-from .events import text_notice
 from .metrics import Metrics
 from .store import messages as store
 from .store.pool import DB_ERRORS, Pool
@@ -150,10 +149,7 @@ class TextWriter:
                     self._metrics.db_statements.labels("append").inc()
                     applied = await store.append_batches(
                         conn,
-                        [
-                            store.TextBatch(turn.id, start, text, text_notice(turn.id, start, text))
-                            for turn, start, _, text in taken
-                        ],
+                        [store.TextBatch(turn.id, start, text) for turn, start, _, text in taken],
                     )
                 missed = []
                 for turn, _, end, _ in taken:

@@ -11,7 +11,7 @@ import pytest
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from qna_gateway.events import parse_notice
+from qna_gateway.events import MAX_NOTIFY_BYTES, Notice, parse_notice, text_notice
 from qna_gateway.metrics import create_metrics
 from qna_gateway.store import messages as store
 from qna_gateway.store.migrations import apply_migrations
@@ -226,3 +226,52 @@ async def test_a_connection_the_server_closed_is_replaced_at_checkout(database_u
             assert row[0] != pid
     finally:
         await pool.close()
+
+
+async def test_the_server_builds_each_notice_as_text_notice_would(
+    pool: Pool, database_url: str
+) -> None:
+    """append_batches sends each text once and PostgreSQL builds its notice: offsets in
+    characters, as Python counts them (not bytes); past MAX_NOTIFY_BYTES only where the text
+    now ends; and nothing for a batch that did not apply."""
+    async with pool.connection() as conn:
+        small, big, stale = [await streaming_answer(conn) for _ in range(3)]
+        await store.append_batches(conn, [store.TextBatch(small, 0, "Crème brûlée, ")])
+        await conn.execute("UPDATE messages SET content = 'moved on' WHERE id = %s", (stale,))
+    listener = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    for message_id in (small, big, stale):
+        await listener.execute(f"LISTEN {store.text_channel(message_id)}")
+    await listener.execute("LISTEN writer_test_sentinel")
+
+    later = "then 🍮 and ünïcode"
+    huge = "ü" * MAX_NOTIFY_BYTES  # 2 bytes a character: over the limit in bytes, not in chars
+    async with pool.connection() as conn:
+        applied = await store.append_batches(
+            conn,
+            [
+                store.TextBatch(small, len("Crème brûlée, "), later),
+                store.TextBatch(big, 0, huge),
+                store.TextBatch(stale, 0, "too late"),
+            ],
+        )
+        await conn.execute("SELECT pg_notify('writer_test_sentinel', '')")
+    assert applied == {small, big}
+
+    received = {}
+    async with asyncio.timeout(5):
+        async for notify in listener.notifies():
+            if notify.channel == "writer_test_sentinel":
+                break
+            received[notify.channel] = notify.payload
+    await listener.close()
+    assert set(received) == {store.text_channel(small), store.text_channel(big)}
+    assert parse_notice(received[store.text_channel(small)]) == parse_notice(
+        text_notice(small, len("Crème brûlée, "), later)
+    )
+    assert parse_notice(received[store.text_channel(big)]) == parse_notice(
+        text_notice(big, 0, huge)
+    )
+    assert parse_notice(received[store.text_channel(big)]) == Notice(m=str(big), n=len(huge))
+    async with pool.connection() as conn:
+        assert await content_of(conn, small) == "Crème brûlée, " + later
+        assert await content_of(conn, big) == huge

@@ -11,6 +11,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..errors import Conflict, NotFound
+from ..events import MAX_NOTIFY_BYTES
 from ..schemas import Message, MessagePage, Source, Usage
 from .cursors import decode_cursor, encode_cursor
 
@@ -255,13 +256,12 @@ async def append_text(
     return await cur.fetchone() is not None
 
 
-class TextBatch(msgspec.Struct):
-    """One answer's new text for `append_batches`: where it starts, and its NOTIFY payload."""
+class TextBatch(msgspec.Struct, array_like=True):
+    """One answer's new text for `append_batches`: where it starts, and the text."""
 
     id: UUID
     start: int
     text: str
-    notice: str
 
 
 _encode_batches = msgspec.json.Encoder().encode
@@ -272,18 +272,24 @@ async def append_batches(conn: AsyncConnection, batches: list[TextBatch]) -> set
 
     Each batch applies only where the stored text ends at its offset (a retried batch is a
     no-op, not doubled text); the ids returned are those that applied. The batches travel as
-    one JSON document: encoding it is one C call, where arrays of text were dumped item by
-    item.
+    one JSON document of `[id, start, text]` arrays: encoding it is one C call, where arrays
+    of text were dumped item by item. The server builds each notice from the row it updated
+    (as `events.text_notice` does: the text, or past MAX_NOTIFY_BYTES only where it ends), so
+    the text crosses the wire once, not once more inside a prebuilt notice.
     """
     cur = await conn.execute(
-        "WITH batch AS (SELECT * FROM json_to_recordset(%s::json)"
-        " AS b(id uuid, start int, text text, notice text)),"
+        "WITH batch AS (SELECT (b->>0)::uuid AS id, (b->>1)::int AS start, b->>2 AS text"
+        " FROM json_array_elements(%s::json) AS b),"
         " appended AS (UPDATE messages AS m SET content = m.content || b.text FROM batch AS b"
         " WHERE m.id = b.id AND m.status = 'streaming' AND char_length(m.content) = b.start"
-        " RETURNING m.id, b.notice)"
+        " RETURNING m.id, b.start, b.text),"
+        " noticed AS (SELECT id, start + char_length(text) AS text_end,"
+        " json_build_object('m', id, 'o', start, 't', text)::text AS notice FROM appended)"
         # text_channel(id), spelled in SQL: uuid::text is the lowercase hex with hyphens.
-        " SELECT id, pg_notify(%s || replace(id::text, '-', ''), notice) FROM appended",
-        (_encode_batches(batches).decode(), TEXT_CHANNEL_PREFIX),
+        " SELECT id, pg_notify(%s || replace(id::text, '-', ''),"
+        " CASE WHEN octet_length(notice) <= %s THEN notice"
+        " ELSE json_build_object('m', id, 'n', text_end)::text END) FROM noticed",
+        (_encode_batches(batches).decode(), TEXT_CHANNEL_PREFIX, MAX_NOTIFY_BYTES),
     )
     return {row[0] for row in await cur.fetchall()}
 
