@@ -115,6 +115,11 @@ class EventHub:
                 queue.put_nowait(event)
 
     @property
+    def connected(self) -> bool:
+        """Whether the listener holds a connection now (it reconnects by itself when not)."""
+        return self._connected
+
+    @property
     def watched(self) -> int:
         return sum(len(w) for w in self._subscribers.values())
 

@@ -11,9 +11,11 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from qna_gateway import pubsub
 from qna_gateway.events import Resync, StreamEvent, TextAppended, resync_notice, text_notice
 from qna_gateway.pubsub import EventHub
 from qna_gateway.store import messages as store
+from tests.fixtures.db_proxy import DatabaseProxy
 
 Hub = tuple[EventHub, str]  # the hub and its connection's application_name
 
@@ -123,3 +125,63 @@ async def test_stopping_while_it_changes_what_it_listens_to_returns(database_url
         stopping = asyncio.ensure_future(events.stop())
         await asyncio.wait((stopping,), timeout=5)
         assert stopping.done(), f"stop() still waits after a pause of {pause} loop turns"
+
+
+async def test_a_listener_gone_silent_holds_a_subscribe_only_so_long(
+    database_url: str, db: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener's connection stays open but nothing comes back (a stalled server or
+    network): subscribe returns after LISTEN_WAIT_SECONDS rather than with the connection, and
+    once the connection speaks again the held LISTEN goes through and the follower hears its
+    channel."""
+    monkeypatch.setattr(pubsub, "LISTEN_WAIT_SECONDS", 0.3)
+    proxy = DatabaseProxy(database_url)
+    proxy.up()
+    events = EventHub(proxy.url, on_cancel=lambda _: None)
+    await events.start()
+    try:
+        proxy.stall()
+        answer = uuid.uuid4()
+        async with asyncio.timeout(10):  # a guard against hanging, not a limit being tested
+            queue = await events.subscribe(answer)
+        assert events.watched == 1
+        proxy.resume()
+        async with asyncio.timeout(10):
+            while queue.empty():  # until the LISTEN, delivered late, has been executed
+                await notify(db, store.text_channel(answer), text_notice(answer, 0, "late"))
+                await asyncio.sleep(0.05)
+        assert queue.get_nowait() == TextAppended(0, "late")
+    finally:
+        await events.stop()
+        proxy.close()
+
+
+async def test_a_subscribe_while_the_listener_is_away_returns_and_the_reconnect_covers_it(
+    database_url: str, db: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the database unreachable, subscribe does not wait for a LISTEN that cannot happen
+    (the wait is made long here, so waiting would show as a hang): it returns, and the
+    reconnect LISTENs to the new channel and tells the follower to re-read first."""
+    monkeypatch.setattr(pubsub, "LISTEN_WAIT_SECONDS", 3600)
+    proxy = DatabaseProxy(database_url)
+    proxy.up()
+    events = EventHub(proxy.url, on_cancel=lambda _: None)
+    await events.start()
+    try:
+        earlier = uuid.uuid4()
+        before = await events.subscribe(earlier)
+        proxy.down()  # every connection cut, and no new one until up()
+        async with asyncio.timeout(10):
+            while events.connected:
+                await asyncio.sleep(0.01)
+        answer = uuid.uuid4()
+        async with asyncio.timeout(10):  # a guard against hanging, not a limit being tested
+            queue = await events.subscribe(answer)
+        proxy.up()
+        assert await next_event(queue) == Resync()
+        assert await next_event(before) == Resync()
+        await notify(db, store.text_channel(answer), text_notice(answer, 0, "covered"))
+        assert await next_event(queue) == TextAppended(0, "covered")
+    finally:
+        await events.stop()
+        proxy.close()
