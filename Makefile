@@ -47,7 +47,7 @@ pytest: $(VENV)/.installed-dev chromium
 
 test: lint types pytest
 
-# The side-by-side benchmark (about 15 minutes; `BENCH_ARGS=--quick` for ~2): bench/results/.
+# The side-by-side benchmark (about 20 minutes; `BENCH_ARGS=--quick` for ~2): bench/results/.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -495,7 +495,11 @@ class Bench:
                             record.streams_per_worker = ZERO_SINGLE_STREAMS
                         next_id += 1
                         limit = saturated.get(config)
-                        if limit is not None and level > limit:
+                        # Held levels hold as many streams as the paced level of that number,
+                        # and for longer: one the paced phase saturated at is skipped too.
+                        if limit is not None and (
+                            level > limit or (phase == "held" and level >= limit)
+                        ):
                             record.status = f"skipped: saturated at {limit} streams"
                             self.windows.append(record)
                             continue
