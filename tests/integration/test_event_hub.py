@@ -29,6 +29,20 @@ async def hub(database_url: str) -> AsyncIterator[Hub]:
     await hub.stop()
 
 
+@pytest.fixture
+async def proxied(database_url: str) -> AsyncIterator[tuple[EventHub, DatabaseProxy]]:
+    """A hub whose connection goes through a proxy the test can cut or stall."""
+    proxy = DatabaseProxy(database_url)
+    proxy.up()
+    hub = EventHub(proxy.url, on_cancel=lambda _: None)
+    await hub.start()
+    try:
+        yield hub, proxy
+    finally:
+        await hub.stop()
+        proxy.close()
+
+
 async def notify(db: psycopg.AsyncConnection, channel: str, payload: str) -> None:
     await db.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
@@ -128,60 +142,50 @@ async def test_stopping_while_it_changes_what_it_listens_to_returns(database_url
 
 
 async def test_a_listener_gone_silent_holds_a_subscribe_only_so_long(
-    database_url: str, db: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch
+    proxied: tuple[EventHub, DatabaseProxy],
+    db: psycopg.AsyncConnection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The listener's connection stays open but nothing comes back (a stalled server or
     network): subscribe returns after LISTEN_WAIT_SECONDS rather than with the connection, and
     once the connection speaks again the held LISTEN goes through and the follower hears its
     channel."""
     monkeypatch.setattr(pubsub, "LISTEN_WAIT_SECONDS", 0.3)
-    proxy = DatabaseProxy(database_url)
-    proxy.up()
-    events = EventHub(proxy.url, on_cancel=lambda _: None)
-    await events.start()
-    try:
-        proxy.stall()
-        answer = uuid.uuid4()
-        async with asyncio.timeout(10):  # a guard against hanging, not a limit being tested
-            queue = await events.subscribe(answer)
-        assert events.watched == 1
-        proxy.resume()
-        async with asyncio.timeout(10):
-            while queue.empty():  # until the LISTEN, delivered late, has been executed
-                await notify(db, store.text_channel(answer), text_notice(answer, 0, "late"))
-                await asyncio.sleep(0.05)
-        assert queue.get_nowait() == TextAppended(0, "late")
-    finally:
-        await events.stop()
-        proxy.close()
+    events, proxy = proxied
+    proxy.stall()
+    answer = uuid.uuid4()
+    async with asyncio.timeout(10):  # a guard against hanging, not a limit being tested
+        queue = await events.subscribe(answer)
+    assert events.watched == 1
+    proxy.resume()
+    async with asyncio.timeout(10):
+        while queue.empty():  # until the LISTEN, delivered late, has been executed
+            await notify(db, store.text_channel(answer), text_notice(answer, 0, "late"))
+            await asyncio.sleep(0.05)
+    assert queue.get_nowait() == TextAppended(0, "late")
 
 
 async def test_a_subscribe_while_the_listener_is_away_returns_and_the_reconnect_covers_it(
-    database_url: str, db: psycopg.AsyncConnection, monkeypatch: pytest.MonkeyPatch
+    proxied: tuple[EventHub, DatabaseProxy],
+    db: psycopg.AsyncConnection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the database unreachable, subscribe does not wait for a LISTEN that cannot happen
     (the wait is made long here, so waiting would show as a hang): it returns, and the
     reconnect LISTENs to the new channel and tells the follower to re-read first."""
     monkeypatch.setattr(pubsub, "LISTEN_WAIT_SECONDS", 3600)
-    proxy = DatabaseProxy(database_url)
+    events, proxy = proxied
+    earlier = uuid.uuid4()
+    before = await events.subscribe(earlier)
+    proxy.down()  # every connection cut, and no new one until up()
+    async with asyncio.timeout(10):
+        while events.connected:
+            await asyncio.sleep(0.01)
+    answer = uuid.uuid4()
+    async with asyncio.timeout(10):  # a guard against hanging, not a limit being tested
+        queue = await events.subscribe(answer)
     proxy.up()
-    events = EventHub(proxy.url, on_cancel=lambda _: None)
-    await events.start()
-    try:
-        earlier = uuid.uuid4()
-        before = await events.subscribe(earlier)
-        proxy.down()  # every connection cut, and no new one until up()
-        async with asyncio.timeout(10):
-            while events.connected:
-                await asyncio.sleep(0.01)
-        answer = uuid.uuid4()
-        async with asyncio.timeout(10):  # a guard against hanging, not a limit being tested
-            queue = await events.subscribe(answer)
-        proxy.up()
-        assert await next_event(queue) == Resync()
-        assert await next_event(before) == Resync()
-        await notify(db, store.text_channel(answer), text_notice(answer, 0, "covered"))
-        assert await next_event(queue) == TextAppended(0, "covered")
-    finally:
-        await events.stop()
-        proxy.close()
+    assert await next_event(queue) == Resync()
+    assert await next_event(before) == Resync()
+    await notify(db, store.text_channel(answer), text_notice(answer, 0, "covered"))
+    assert await next_event(queue) == TextAppended(0, "covered")
