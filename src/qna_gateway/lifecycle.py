@@ -98,6 +98,7 @@ async def running_services(
                 telemetry=telemetry,
             )
             await manager.start()
+            telemetry.metrics.watch_event_listener(lambda: manager.hub.connected)
             try:
                 yield Services(
                     settings=settings,

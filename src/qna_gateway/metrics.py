@@ -51,15 +51,25 @@ class Metrics:
     extra_collectors: list[Collector] = field(default_factory=list)
 
     def watch_pool(self, get_stats: Callable[[], Mapping[str, int]]) -> None:
-        self.extra_collectors.append(_PoolCollector(get_stats))
-        self.registry.register(self.extra_collectors[-1])
+        self._watch(_PoolCollector(get_stats))
+
+    def watch_event_listener(self, connected: Callable[[], bool]) -> None:
+        self._watch(_ListenerCollector(connected))
+
+    def _watch(self, collector: Collector) -> None:
+        # Services brought up again (a retried start) replace what they watched before.
+        for old in [c for c in self.extra_collectors if type(c) is type(collector)]:
+            self.extra_collectors.remove(old)
+            self.registry.unregister(old)
+        self.extra_collectors.append(collector)
+        self.registry.register(collector)
 
     def render(self, *, openmetrics: bool) -> tuple[bytes, str]:
         """The exposition and its content type; OpenMetrics carries the exemplars."""
         registry = self.registry
         if os.environ.get(MULTIPROC_ENV):
             # Several processes: each writes its own files; one scrape adds them up. The pool
-            # statistics are this process's own.
+            # statistics and the listener's state are this process's own.
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             for collector in self.extra_collectors:
@@ -193,3 +203,18 @@ class _PoolCollector(Collector):
         family.add_metric(["waiting"], stats.get("requests_waiting", 0))
         family.add_metric(["max"], stats.get("pool_max", 0))
         yield family
+
+
+class _ListenerCollector(Collector):
+    """Whether this process's LISTEN connection is up, read at scrape time: while it is not,
+    the process misses other replicas' cancels and its followers poll the table."""
+
+    def __init__(self, connected: Callable[[], bool]) -> None:
+        self._connected = connected
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "db_event_listener_up",
+            "1 while this process's LISTEN connection to PostgreSQL is up, 0 while it reconnects.",
+            value=1 if self._connected() else 0,
+        )

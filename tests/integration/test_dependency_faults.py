@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream, Scenario, answer_text
 from qna_gateway.settings import Secret
@@ -190,3 +191,31 @@ async def test_database_connections_probe_a_silent_server(
     assert len(sockets) >= 3, sockets
     expected |= {"keepalives_idle": 7, "tcp_user_timeout": 0}
     assert all(options == expected for options in sockets), sockets
+
+
+async def test_metrics_say_when_the_event_listener_is_away(
+    proxy: DatabaseProxy, gateway_factory: GatewayFactory
+) -> None:
+    """`db_event_listener_up` is 1 while the LISTEN connection is up, 0 while the database is
+    unreachable (this replica then misses other replicas' cancels), and 1 again once the
+    listener has reconnected by itself."""
+    proxy.up()
+    gw = await gateway_factory(database_url=Secret(proxy.url))
+
+    async def listener_up() -> float:
+        for family in text_string_to_metric_families((await gw.client.get("/metrics")).text):
+            for sample in family.samples:
+                if sample.name == "db_event_listener_up":
+                    return sample.value
+        raise AssertionError("no db_event_listener_up in /metrics")
+
+    async def until(wanted: float) -> None:
+        async with asyncio.timeout(20):
+            while await listener_up() != wanted:
+                await asyncio.sleep(0.05)
+
+    assert await listener_up() == 1
+    proxy.down()
+    await until(0)
+    proxy.up()
+    await until(1)

@@ -183,6 +183,7 @@ async def test_metrics_after_known_traffic(
     assert value(found, "sse_disconnects_total", reason="client") == 0
     assert value(found, "sse_disconnects_total", reason="reconnect") == 0
     assert value(found, "db_pool_connections", state="max") == gw.settings.db_pool_max
+    assert value(found, "db_event_listener_up") == 1
     assert value(found, "db_statements_total", kind="finish") == 1
 
 
