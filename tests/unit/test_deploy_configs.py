@@ -93,6 +93,7 @@ GATEWAY_METRICS: Final[Mapping[str, MetricSpec]] = {
         "gauge", {"state": _values("size", "idle", "waiting", "max")}
     ),
     "db_statements_total": MetricSpec("counter", {"kind": None}),
+    "db_event_listener_up": MetricSpec("gauge", {}),
 }
 HISTOGRAM_SUFFIXES: Final = ("_bucket", "_sum", "_count")
 # Labels every scraped series has besides its own: Prometheus adds job and instance, and
