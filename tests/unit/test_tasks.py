@@ -9,12 +9,17 @@ import pytest
 from qna_gateway.tasks import cancel_and_wait
 
 
+async def until_cancelled() -> None:
+    """Background work that never ends by itself."""
+    await asyncio.Event().wait()
+
+
 async def test_waits_for_the_task_to_unwind() -> None:
     unwound = asyncio.Event()
 
     async def work() -> None:
         try:
-            await asyncio.sleep(3600)
+            await until_cancelled()
         finally:
             await asyncio.sleep(0.01)  # a finally block that itself awaits
             unwound.set()
@@ -31,14 +36,15 @@ async def test_the_callers_own_cancellation_goes_on_up() -> None:
 
     async def slow_to_stop() -> None:
         try:
-            await asyncio.sleep(3600)
+            await until_cancelled()
         finally:
             await release.wait()
 
     task = asyncio.create_task(slow_to_stop())
     await asyncio.sleep(0)
     stopper = asyncio.create_task(cancel_and_wait(task))
-    await asyncio.sleep(0.01)
+    while not task.cancelling():  # the stopper has cancelled it and waits for it to unwind
+        await asyncio.sleep(0)
     stopper.cancel()  # e.g. shutdown cancelling whatever is stopping the services
     with pytest.raises(asyncio.CancelledError):
         await stopper
@@ -50,7 +56,7 @@ async def test_the_callers_own_cancellation_goes_on_up() -> None:
 async def test_a_failure_while_unwinding_is_raised() -> None:
     async def fails_on_the_way_out() -> None:
         try:
-            await asyncio.sleep(3600)
+            await until_cancelled()
         finally:
             raise RuntimeError("cleanup failed")
 
