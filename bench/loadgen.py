@@ -125,6 +125,8 @@ class LoadGenerator:
         self._port = parts.port or 80
         mode = "open" if plan.open_loop else "fixed"
         self.window = Window(plan.label, plan.target, mode, plan.concurrency, plan.streams)
+        # Where an unmeasured stream's gaps and lateness go: a window nobody reads.
+        self._unmeasured = Window("", plan.target, mode, 0, 0)
         self.results: list[StreamResult] = []
         self._t0 = 0.0
         self._protocols: set[StreamProtocol] = set()
@@ -134,8 +136,7 @@ class LoadGenerator:
         seed = plan.seed_base + index
         result = StreamResult(index=index, seed=seed, expected=plan.expected_chunks)
         result.measured = plan.measured(index)
-        # An unmeasured stream's gaps and lateness go to a window nobody reads.
-        window = self.window if result.measured else Window("", plan.target, "", 0, 0)
+        window = self.window if result.measured else self._unmeasured
         self.results.append(result)
         schedule = paced_schedule(plan.schedule, seed) if plan.schedule is not None else None
         if schedule:

@@ -104,31 +104,19 @@ def summary_table(cells: dict[tuple[str, str, int], Cell]) -> str:
     def row(name: str, values: Iterable[str]) -> None:
         lines.append(f"| {name} | " + " | ".join(values) + " |")
 
-    for level in levels(cells, "paced"):
-        row(
-            f"added TTFT p50 / p99 ms, {level} paced streams",
-            (_pair(cells.get(("paced", c, level))) for c in configs),
-        )
-    for level in levels(cells, "held"):
-        row(
-            f"added TTFT p50 / p99 ms, {level} streams held open",
-            (_pair(cells.get(("held", c, level))) for c in configs),
-        )
-    for level in levels(cells, "zero"):
-        row(
-            f"added TTFT p50 / p99 ms, {level} zero-delay streams",
-            (_pair(cells.get(("zero", c, level))) for c in configs),
-        )
-    for level in levels(cells, "paced"):
-        row(
-            f"added inter-chunk gap p99 ms, {level} paced streams",
-            (_cell_value(cells.get(("paced", c, level)), "added_gap_p99") for c in configs),
-        )
-    for level in levels(cells, "held"):
-        row(
-            f"added inter-chunk gap p99 ms, {level} streams held open",
-            (_cell_value(cells.get(("held", c, level)), "added_gap_p99") for c in configs),
-        )
+    streams = (("paced", "paced streams"), ("held", "streams held open"))
+    for phase, what in (*streams, ("zero", "zero-delay streams")):
+        for level in levels(cells, phase):
+            row(
+                f"added TTFT p50 / p99 ms, {level} {what}",
+                (_pair(cells.get((phase, c, level))) for c in configs),
+            )
+    for phase, what in streams:  # a zero-delay stream's chunks come back to back: no gaps
+        for level in levels(cells, phase):
+            row(
+                f"added inter-chunk gap p99 ms, {level} {what}",
+                (_cell_value(cells.get((phase, c, level)), "added_gap_p99") for c in configs),
+            )
     row(
         "highest concurrency within limits (paced: N started within 1 s)",
         (str(highest_within_limits(cells, c)) for c in configs),
