@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream, Scenario, answer_text
 from qna_gateway.settings import Secret
@@ -24,6 +23,7 @@ from tests.conftest import (
     running_gateway,
 )
 from tests.fixtures.db_proxy import DatabaseProxy
+from tests.fixtures.metrics import sample_value
 from tests.sse import deltas_text, stream_events
 
 
@@ -203,11 +203,9 @@ async def test_metrics_say_when_the_event_listener_is_away(
     gw = await gateway_factory(database_url=Secret(proxy.url))
 
     async def listener_up() -> float:
-        for family in text_string_to_metric_families((await gw.client.get("/metrics")).text):
-            for sample in family.samples:
-                if sample.name == "db_event_listener_up":
-                    return sample.value
-        raise AssertionError("no db_event_listener_up in /metrics")
+        found = sample_value((await gw.client.get("/metrics")).text, "db_event_listener_up")
+        assert found is not None, "no db_event_listener_up in /metrics"
+        return found
 
     async def until(wanted: float) -> None:
         async with asyncio.timeout(20):

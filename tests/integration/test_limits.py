@@ -14,11 +14,11 @@ import httpx
 import psycopg
 import pytest
 from httpx_sse import EventSource
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import FakeUpstream, Scenario, answer_text, answer_tokens, directive
 from qna_gateway.limits import RateLimiter
 from tests.conftest import Gateway, GatewayFactory, ServeProcess
+from tests.fixtures.metrics import sample_value
 from tests.integration.test_api_chats import assert_problem
 from tests.integration.test_security import (
     Tenant,
@@ -378,12 +378,9 @@ async def test_an_answer_that_failed_empty_is_left_out_and_the_history_goes_on_p
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """One sample's value from a Prometheus exposition."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+    """One sample's value from a Prometheus exposition (0 when it has none yet)."""
+    found = sample_value(text, name, **labels)
+    return 0.0 if found is None else found
 
 
 async def non_reading_client(base_url: str, request: bytes) -> socket.socket:
