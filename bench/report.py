@@ -446,7 +446,7 @@ def markdown(run: Run, cells: dict[tuple[str, str, int], Cell], plots: Sequence[
         "",
         "## How it was measured",
         "",
-        _method(options, warm_up_streams(meta)),
+        _method(options, warm_up_streams(meta), int(meta.get("paced_single_streams", 1))),
         "",
         *(f"![{name}]({name})" for name in plots),
         "",
@@ -505,7 +505,7 @@ def _idle_text(idle: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.1%}" for k, v in shares.items()) or "?"
 
 
-def _method(options: dict[str, Any], warm_up_streams: int) -> str:
+def _method(options: dict[str, Any], warm_up_streams: int, paced_single: int) -> str:
     rounds = options.get("rounds", "?")
     return (
         f"- {rounds} round(s); in each, every system runs once per level, in an order that "
@@ -515,8 +515,8 @@ def _method(options: dict[str, Any], warm_up_streams: int) -> str:
             "open-loop arrivals (paced level N: N / 7.8 new streams a second for 7.8 s, the "
             "deadline 7.8 s later)"
             if options.get("open_loop")
-            else "N concurrent streams started over 1 s (paced) or all at once (zero; at N = 1, 20 "
-            "streams one after another)"
+            else "N concurrent streams started over 1 s (paced) or all at once (zero); at N = 1, "
+            f"one stream after another ({paced_single} paced, 20 zero-delay)"
         )
         + "; one new connection per stream; every chunk timestamped on arrival.\n"
         "- TTFT: request sent → first content chunk (`message.delta` for the gateway, which "

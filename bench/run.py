@@ -64,6 +64,10 @@ QUIET_CORES: Final = 0.15
 BUSY_CORES: Final = 0.1
 SYSTEMS: Final = ("gateway", "litellm", "relay")
 ZERO_SINGLE_STREAMS: Final = 20
+# One paced stream is one sample of time to first token per round, so two samples made the
+# 1-stream p50/p99 of a run: one late first token (+5.8 ms once, in the round that followed the
+# 500-stream windows) decided the target's verdict. Four in a row make it 8 samples, ~3 min.
+PACED_SINGLE_STREAMS: Final = 4
 # Zero-delay streams through every configuration before anything is measured: enough for the
 # connection pools to hold what a 50-stream window needs. After 5, the first 50-stream window
 # of a run gave the gateway's streams 1.4-2.4 ms more time to first token (paired p50) than the
@@ -297,6 +301,8 @@ class Bench:
         deadline = options.paced_deadline if paced or held else options.zero_deadline
         if open_loop:
             deadline += OPEN_LOOP_SECONDS  # the last stream starts that much later
+        if paced and not open_loop:
+            deadline += (record.streams_per_worker - 1) * OPEN_LOOP_SECONDS  # in a row
         if held:
             deadline += HELD_THIRDS * OPEN_LOOP_SECONDS
         argv = [
@@ -497,9 +503,8 @@ class Bench:
                 for level in levels:
                     for config in order:
                         record = WindowRecord(next_id, phase, round_, level, config)
-                        if phase == "zero" and level == 1:
-                            # One zero-delay stream is over in ~0.2 s: take 20 in a row.
-                            record.streams_per_worker = ZERO_SINGLE_STREAMS
+                        if level == 1:
+                            record.streams_per_worker = _single_streams(phase, options)
                         next_id += 1
                         limit = saturated.get(config)
                         # Held levels hold as many streams as the paced level of that number,
@@ -566,8 +571,15 @@ class Bench:
         """Chats for the windows up to 200 streams, before anything is measured."""
         assert self.gateway is not None
         options = self.options
-        levels = [n for n in options.paced_levels if n <= 200]
-        levels += [ZERO_SINGLE_STREAMS if n == 1 else n for n in options.zero_levels if n <= 200]
+        levels = [
+            _single_streams(phase, options) if n == 1 else n
+            for phase, phase_levels in (
+                ("paced", options.paced_levels),
+                ("zero", options.zero_levels),
+            )
+            for n in phase_levels
+            if n <= 200
+        ]
         started = time.monotonic()
         self.chats = await self.gateway.create_chats(sum(levels) * options.rounds + 10)
         if self.dbcount is not None:
@@ -595,6 +607,7 @@ class Bench:
             k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.options).items()
         }
         meta["warm_up_streams"] = WARM_UP_STREAMS
+        meta["paced_single_streams"] = _single_streams("paced", self.options)
 
     def write_raw(self, path: Path) -> None:
         if self.dbcount is not None:
@@ -605,6 +618,13 @@ class Bench:
                 out.write(json.dumps({"kind": "window", **asdict(record)}) + "\n")
             for stream in self.streams:
                 out.write(json.dumps(stream) + "\n")
+
+
+def _single_streams(phase: str, options: Options) -> int:
+    """Streams one after another in a 1-stream window (one is too few samples)."""
+    if phase == "zero":
+        return ZERO_SINGLE_STREAMS  # one zero-delay stream is over in ~0.2 s
+    return 1 if options.quick else PACED_SINGLE_STREAMS
 
 
 def _seed_base(record: WindowRecord) -> int:
