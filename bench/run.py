@@ -621,10 +621,13 @@ class Bench:
 
 
 def _single_streams(phase: str, options: Options) -> int:
-    """Streams one after another in a 1-stream window (one is too few samples)."""
+    """Streams one after another in a 1-stream window (one is too few samples). A held
+    window's streams arrive at a rate, not one after another: it keeps 1."""
     if phase == "zero":
         return ZERO_SINGLE_STREAMS  # one zero-delay stream is over in ~0.2 s
-    return 1 if options.quick else PACED_SINGLE_STREAMS
+    if phase == "paced" and not options.quick:
+        return PACED_SINGLE_STREAMS
+    return 1
 
 
 def _seed_base(record: WindowRecord) -> int:
